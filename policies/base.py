@@ -1,0 +1,269 @@
+"""The policy interface, the registry and the spec parser.
+
+A spec string (`lru`, `lfu(decay=0.9)`, `random(seed=1)`, later `lru+lookahead(depth=1)`) names a
+registered policy and its parameters. The same string works in every CLI, in sweep files and in
+Python, and each policy's parameters are a pydantic model, so a bad parameter gets a clear error.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from policies.cache import ExpertCache
+from policies.costs import CostModel
+from policies.plan import LayerPlan, Load
+from policies.request import Key, LayerRequest
+from traces.schema import ModelSpec
+
+
+class PolicySpecError(ValueError):
+    """A spec string that names no policy or gives bad parameters."""
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Future:
+    """The accesses still to come, for oracle policies: per layer call, its keys in access order.
+
+    Only the simulator can give this (it has the whole trace); the runtime refuses oracle policies
+    unless it replays the very run the trace came from.
+    """
+
+    def __init__(self, calls: Sequence[Sequence[Key]]):
+        self.calls = calls
+
+    def counts(self) -> dict[Key, int]:
+        out: dict[Key, int] = {}
+        for call in self.calls:
+            for k in call:
+                out[k] = out.get(k, 0) + 1
+        return out
+
+
+class Policy:
+    """Decides, at every MoE layer call, what runs where and what moves.
+
+    Subclasses set `name` (through `@register`), `Params`, and implement `plan`, or, for a plain
+    replacement policy, just `victim` (see `DemandPolicy`). A policy never reads a clock and draws
+    random numbers only from a generator seeded by its parameters.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+    lossless: ClassVar[bool] = True
+    needs_future: ClassVar[bool] = False
+    wraps: ClassVar[bool] = False  # a modifier that composes after '+'
+
+    def __init__(self, params: BaseModel | None = None, **kwargs: Any):
+        self.params = params if params is not None else self.Params(**kwargs)
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string: every parameter spelled out, so a result names its policy fully."""
+        items = self.params.model_dump()
+        if not items:
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={_fmt(v)}' for k, v in items.items())})"
+
+    def wants_future(self) -> bool:
+        """Whether the engine must pass the future accesses to `reset` (oracles)."""
+        return self.needs_future
+
+    def reset(self, model: ModelSpec, cache: ExpertCache, costs: CostModel | None, future: Future | None = None) -> None:
+        self.model = model
+        self.costs = costs
+        if self.wants_future() and future is None:
+            raise PolicySpecError(f"policy {self.name!r} is an oracle: it needs the future accesses (replay a trace)")
+
+    def plan(self, req: LayerRequest, cache: ExpertCache) -> LayerPlan:
+        raise NotImplementedError
+
+    def observe(self, step_end: Any) -> None:
+        """Called after every forward step; for policies that learn across steps."""
+
+    # -- shared planning helpers --------------------------------------------------------------------
+    def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
+        """This policy's eviction choice among the partition's ready keys outside `exclude`."""
+        raise NotImplementedError
+
+    def make_room(
+        self, cache: ExpertCache, keys: Iterable[Key], protect: set[Key], runs_before: Sequence[Key] = (), force: bool = True
+    ) -> list[Load]:
+        """Loads for `keys` (in order), each with a free slot or a victim.
+
+        Victims come from this policy's `victim` among keys the current call does not use
+        (`protect`); failing that, from keys still loading (the oldest first: a wasted prefetch);
+        failing that, and only when `force`, from keys this call uses that run *before* the load in
+        execution order (`runs_before` plus earlier loads), so a call that needs more experts than the
+        cache holds streams them through the slots instead of deadlocking.
+        """
+        free: dict[int, int] = {}
+        taken: set[Key] = set(protect)
+        earlier: list[Key] = list(runs_before)
+        loads: list[Load] = []
+        for key in keys:
+            part = cache.part(key)
+            if part not in free:
+                free[part] = cache.free[part]
+            victim: Key | None = None
+            if free[part] > 0:
+                free[part] -= 1
+            else:
+                victim = self.victim(cache, part, taken)
+                if victim is None:
+                    victim = next((k for k in cache.oldest(part) if k in cache.inflight and k not in taken), None)
+                if victim is None and force:
+                    victim = next((k for k in earlier if cache.part(k) == part and k not in _victims(loads)), None)
+                if victim is None:
+                    if force:
+                        raise PolicySpecError(f"no slot for {key}: the partition holds {cache.part_capacity[part]} slots")
+                    break
+                taken.add(victim)
+            loads.append(Load(key, victim))
+            earlier.append(key)
+        return loads
+
+
+def _victims(loads: list[Load]) -> set[Key]:
+    return {ld.victim for ld in loads if ld.victim is not None}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, str):
+        return v if re.fullmatch(r"[A-Za-z_][\w.\-/]*", v) else repr(v)
+    return repr(v)
+
+
+class DemandPolicy(Policy):
+    """Load what the call misses, when it misses it; subclasses only choose victims.
+
+    Execution order: the hits first (in access order), then the misses in load order, so resident
+    experts compute while the misses copy.
+    """
+
+    def plan(self, req: LayerRequest, cache: ExpertCache) -> LayerPlan:
+        need = req.keys_in_access_order()
+        resident = cache.resident
+        hits = [k for k in need if k in resident]
+        if len(hits) == len(need):
+            return LayerPlan(execute=need, order=need)
+        misses = [k for k in need if k not in resident]
+        loads = self.make_room(cache, misses, set(need), hits)
+        return LayerPlan(execute=need, order=hits + misses, loads=loads)
+
+
+# -- registry ---------------------------------------------------------------------------------------
+REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(name: str) -> Any:
+    def deco(cls: type[Policy]) -> type[Policy]:
+        if name in REGISTRY:
+            raise ValueError(f"policy name {name!r} registered twice")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+_SPEC_PART = re.compile(r"^\s*([A-Za-z][\w\-]*)\s*(?:\((.*)\))?\s*$", re.S)
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def parse_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
+    """`'lru+lookahead(depth=1)'` -> `[('lru', {}), ('lookahead', {'depth': 1})]`."""
+    if not spec or not spec.strip():
+        raise PolicySpecError("empty policy spec")
+    out = []
+    for part in _split_top(spec, "+"):
+        m = _SPEC_PART.match(part)
+        if not m:
+            raise PolicySpecError(f"cannot parse policy spec {spec!r} at {part.strip()!r}; expected name or name(key=value, ...)")
+        name, argtext = m.group(1).lower(), m.group(2)
+        params: dict[str, Any] = {}
+        if argtext and argtext.strip():
+            for arg in _split_top(argtext, ","):
+                key, eq, raw = arg.partition("=")
+                key, raw = key.strip(), raw.strip()
+                if not eq or not key.isidentifier() or not raw:
+                    raise PolicySpecError(f"policy {name!r}: parameter {arg.strip()!r} is not key=value")
+                try:
+                    params[key] = ast.literal_eval(raw)
+                except (ValueError, SyntaxError):
+                    params[key] = raw  # bare words are strings: metric=entropy
+        out.append((name, params))
+    return out
+
+
+def _describe_params(cls: type[Policy]) -> str:
+    fields = cls.Params.model_fields
+    if not fields:
+        return "none"
+    return ", ".join(f"{k} (default {_fmt(f.default)})" for k, f in fields.items())
+
+
+def _build(name: str, params: dict[str, Any]) -> type[Policy] | Policy:
+    import policies  # noqa: F401  (registers the built-in policies)
+
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise PolicySpecError(f"unknown policy {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    try:
+        p = cls.Params(**params)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(str(x) for x in err["loc"]) or "parameters"
+        if err["type"] == "extra_forbidden":
+            raise PolicySpecError(
+                f"policy {name!r} has no parameter {field!r}; its parameters: {_describe_params(cls)}"
+            ) from None
+        raise PolicySpecError(f"policy {name!r}: parameter {field}: {err['msg']}") from None
+    return cls(p)
+
+
+def make_policy(spec: str) -> Policy:
+    """Build the policy a spec string names (composition with '+' for modifiers)."""
+    parts = parse_spec(spec)
+    first_name, first_params = parts[0]
+    policy = _build(first_name, first_params)
+    assert isinstance(policy, Policy)
+    if policy.wraps:
+        raise PolicySpecError(f"{first_name!r} is a modifier: put it after a replacement policy, e.g. 'lru+{first_name}'")
+    for name, params in parts[1:]:
+        mod = _build(name, params)
+        assert isinstance(mod, Policy)
+        if not mod.wraps:
+            raise PolicySpecError(f"{name!r} is a replacement policy; only modifiers can follow '+'")
+        mod.wrap(policy)  # type: ignore[attr-defined]
+        policy = mod
+    return policy
+
+
+def available() -> dict[str, str]:
+    """Name -> first docstring line of every registered policy."""
+    import policies  # noqa: F401
+
+    return {n: (c.__doc__ or "").strip().splitlines()[0] for n, c in sorted(REGISTRY.items())}

@@ -1,0 +1,136 @@
+"""The fast tier (GPU slots) as a policy sees it.
+
+Both engines own one `ExpertCache` and change it only by applying plans (`apply_load`, `touch`) and
+by reporting finished transfers (`complete`). The cache keeps the bookkeeping that several policies
+share (recency and insertion order per partition, use counts) so that a policy reads it instead of
+shadowing it, and the two engines cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Literal
+
+from policies.request import Key
+
+Partition = Literal["global", "per_layer"]
+
+
+class CacheError(ValueError):
+    pass
+
+
+class ExpertCache:
+    """Slots for experts: one slot holds one expert of one variant (`full` or `low`).
+
+    A key that is loading (in flight) already owns its slot. `partition="per_layer"` gives every MoE
+    layer its own slots (mixtral-offloading's layout); `"global"` shares all slots across layers.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        num_layers: int,
+        partition: Partition = "global",
+        layer_capacity: list[int] | None = None,
+    ):
+        if partition not in ("global", "per_layer"):
+            raise CacheError(f"partition must be 'global' or 'per_layer', got {partition!r}")
+        if capacity < 1:
+            raise CacheError(f"cache capacity must be at least 1 slot, got {capacity}")
+        self.partition: Partition = partition
+        self.num_layers = num_layers
+        if partition == "global":
+            caps = [capacity]
+        elif layer_capacity is not None:
+            if len(layer_capacity) != num_layers or sum(layer_capacity) != capacity:
+                raise CacheError("layer_capacity must list one capacity per layer, summing to capacity")
+            caps = list(layer_capacity)
+        else:
+            if capacity < num_layers:
+                raise CacheError(f"a per-layer cache needs at least one slot per layer: {capacity} < {num_layers} layers")
+            base, extra = divmod(capacity, num_layers)
+            caps = [base + (1 if i < extra else 0) for i in range(num_layers)]
+        self.capacity = capacity
+        self.part_capacity: list[int] = caps
+        self.free: list[int] = list(caps)
+        self.resident: dict[Key, str] = {}  # key -> variant, loading keys included
+        self.inflight: set[Key] = set()
+        self.recency: list[OrderedDict[Key, None]] = [OrderedDict() for _ in caps]  # least recent first
+        self.inserted: list[OrderedDict[Key, None]] = [OrderedDict() for _ in caps]  # oldest first
+        self.uses: dict[Key, int] = {}  # accesses since the start, resident or not
+        self.prefetched_unused: set[Key] = set()
+
+    # -- reading -----------------------------------------------------------------------------------
+    def part(self, key: Key) -> int:
+        return 0 if self.partition == "global" else key[0]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.resident
+
+    def __len__(self) -> int:
+        return len(self.resident)
+
+    def is_ready(self, key: Key) -> bool:
+        return key in self.resident and key not in self.inflight
+
+    def variant(self, key: Key) -> str | None:
+        return self.resident.get(key)
+
+    def least_recent(self, part: int) -> Iterator[Key]:
+        """Resident keys of a partition, least recently used first."""
+        return iter(self.recency[part])
+
+    def oldest(self, part: int) -> Iterator[Key]:
+        """Resident keys of a partition, earliest loaded first."""
+        return iter(self.inserted[part])
+
+    def min_capacity(self) -> int:
+        return min(self.part_capacity)
+
+    # -- changing (engines only, while applying a plan) ---------------------------------------------
+    def apply_load(self, key: Key, victim: Key | None, variant: str = "full", prefetch: bool = False) -> bool:
+        """Put `key` in a slot, evicting `victim` first. Returns True if the victim was an unused prefetch."""
+        if key in self.resident:
+            raise CacheError(f"plan loads {key}, which is already resident")
+        part = self.part(key)
+        wasted = False
+        if victim is not None:
+            if victim not in self.resident:
+                raise CacheError(f"plan evicts {victim}, which is not resident")
+            if self.part(victim) != part:
+                raise CacheError(f"plan evicts {victim} to make room for {key} in another partition")
+            wasted = self.evict(victim)
+        if self.free[part] <= 0:
+            raise CacheError(f"plan loads {key} into a full partition without evicting anything")
+        self.free[part] -= 1
+        self.resident[key] = variant
+        self.inflight.add(key)
+        self.inserted[part][key] = None
+        self.recency[part][key] = None
+        if prefetch:
+            self.prefetched_unused.add(key)
+        return wasted
+
+    def evict(self, key: Key) -> bool:
+        part = self.part(key)
+        del self.resident[key]
+        self.inflight.discard(key)
+        del self.inserted[part][key]
+        del self.recency[part][key]
+        self.free[part] += 1
+        if key in self.prefetched_unused:
+            self.prefetched_unused.discard(key)
+            return True
+        return False
+
+    def complete(self, key: Key) -> None:
+        self.inflight.discard(key)
+
+    def touch(self, key: Key) -> None:
+        """Record one access (the engine calls it in the call's access order)."""
+        self.uses[key] = self.uses.get(key, 0) + 1
+        if key in self.resident:
+            self.recency[self.part(key)].move_to_end(key)
+            self.prefetched_unused.discard(key)

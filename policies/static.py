@@ -1,0 +1,76 @@
+"""Static placement: the most frequently used experts pinned, the rest streamed through a few slots."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from policies.base import DemandPolicy, Future, PolicySpecError, register
+from policies.cache import ExpertCache
+from policies.request import Key
+
+
+class StaticParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    trace: str | None = Field(None, description="profile trace for the frequencies; default: the replayed trace (oracle)")
+    scratch: int | None = Field(None, ge=1, description="unpinned slots per partition; default top_k")
+
+
+@register("static")
+class Static(DemandPolicy):
+    """Pin the most used experts of each partition, counted on a profiling trace (or, as an oracle,
+    on the replayed trace itself); other experts share `scratch` slots under LRU.
+
+    Pinned experts load on first use like any other (every policy starts cold) and are never evicted
+    unless a single call needs more slots than the partition has.
+    """
+
+    Params = StaticParams
+
+    def wants_future(self) -> bool:
+        return self.params.trace is None  # type: ignore[attr-defined]
+
+    def reset(self, model, cache, costs, future: Future | None = None):  # type: ignore[no-untyped-def]
+        super().reset(model, cache, costs, future)
+        p: StaticParams = self.params  # type: ignore[assignment]
+        if p.trace is not None:
+            counts = _count_trace(p.trace, model)
+        elif future is not None:
+            counts = future.counts()
+        else:
+            raise PolicySpecError("static: give trace=PATH for the frequencies, or replay a trace")
+        scratch = p.scratch if p.scratch is not None else model.top_k
+        by_part: dict[int, list[Key]] = {}
+        for k in sorted(counts, key=lambda k: (-counts[k], k)):
+            by_part.setdefault(cache.part(k), []).append(k)
+        self.pinned: set[Key] = set()
+        for part, keys in by_part.items():
+            room = max(0, cache.part_capacity[part] - scratch)
+            self.pinned.update(keys[:room])
+
+    def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
+        inflight, pinned = cache.inflight, self.pinned
+        for k in cache.least_recent(part):
+            if k not in exclude and k not in inflight and k not in pinned:
+                return k
+        return None
+
+
+def _count_trace(path: str, model) -> dict[Key, int]:  # type: ignore[no-untyped-def]
+    from policies.request import LayerRequest  # local: keeps the import graph flat
+    from traces.io import TraceReader
+
+    import numpy as np
+
+    reader = TraceReader(path)
+    other = reader.header.model
+    if (other.num_experts, other.num_moe_layers) != (model.num_experts, model.num_moe_layers):
+        raise PolicySpecError(
+            f"static: profile trace {path} is for {other.name} ({other.num_moe_layers} layers x {other.num_experts} experts), "
+            f"not {model.name}"
+        )
+    counts: dict[Key, int] = {}
+    for rec in reader.layer_records():
+        req = LayerRequest(rec.step, rec.phase, rec.layer, np.asarray(rec.topk), np.asarray(rec.weights, dtype=np.float64))
+        for k in req.keys_in_access_order():
+            counts[k] = counts.get(k, 0) + 1
+    return counts

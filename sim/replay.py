@@ -1,0 +1,226 @@
+"""Replay a trace under a policy, cache size and hardware profile.
+
+    python -m sim.replay TRACE --policy SPEC (--cache-experts N [--partition global|per_layer]
+        | --cache-per-layer K | --cache-gb X) [--hardware NAME|FILE] [--out result.json]
+        [--timeline timeline.html] [--allow-truncated]
+
+Prints a summary table. `--out` writes JSON with `config` (all that reproduces the run, the trace's
+digest included) and `metrics`; identical inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from policies import CacheError, PolicySpecError, available, make_policy
+from sim.config import GB, CacheConfig
+from sim.engine import SimResult, Simulation, Timeline, future_of
+from sim.hardware import HardwareError, HardwareProfile, load_profile, presets
+from traces.io import Record, TraceError, TraceReader
+
+TOOL = "moe-offload-lab 0.1.0"
+DEFAULT_HARDWARE = "rtx4090"
+
+
+class ReplayError(ValueError):
+    pass
+
+
+@dataclass
+class ReplayResult:
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    sim: SimResult
+    profile: HardwareProfile
+    notes: list[str]
+
+    def to_json(self) -> str:
+        return json.dumps({"config": self.config, "metrics": self.metrics}, indent=2, sort_keys=True) + "\n"
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def replay(
+    trace: str | os.PathLike[str],
+    policy: str,
+    cache: CacheConfig,
+    hardware: str | HardwareProfile = DEFAULT_HARDWARE,
+    *,
+    allow_truncated: bool = False,
+    timeline: Timeline | None = None,
+    progress: bool = False,
+) -> ReplayResult:
+    """Replay `trace` and return its config and metrics. Raises TraceError, PolicySpecError,
+    CacheError or HardwareError with a one-line message on bad input."""
+    path = Path(trace)
+    reader = TraceReader(path, allow_truncated=allow_truncated)
+    model = reader.header.model
+    profile = hardware if isinstance(hardware, HardwareProfile) else load_profile(hardware)
+    pol = make_policy(policy)
+    ca = cache.build(model)
+    costs = profile.cost_model(model)
+    notes: list[str] = []
+    budget = profile.expert_budget_bytes(model)
+    cache_bytes = ca.capacity * model.expert_bytes
+    if cache_bytes > budget:
+        notes.append(
+            f"the cache ({cache_bytes / GB:.1f} GB) exceeds what {profile.name} has left for experts "
+            f"({max(budget, 0) / GB:.1f} GB after {model.dense_bytes / GB:.1f} GB dense weights and "
+            f"{profile.gpu.reserve_gb:g} GB reserve); timings assume it fits"
+        )
+    future = future_of(TraceReader(path, allow_truncated=allow_truncated)) if pol.wants_future() else None
+    pol.reset(model, ca, costs, future)
+    sim = Simulation(model, pol, ca, costs, copy_engines=profile.link.copy_engines, timeline=timeline)
+    records: Iterator[Record] = iter(reader)
+    if progress:
+        from tqdm import tqdm
+
+        records = tqdm(records, desc=f"replay {path.name}", unit=" rec", unit_scale=True, file=sys.stderr, leave=False, disable=None)
+    result = sim.run(records)
+    if reader.truncated:
+        notes.append("the trace is truncated (no footer): replayed what it holds")
+    config = {
+        "tool": TOOL,
+        "trace": {"path": str(trace), "sha256": file_digest(path), "truncated": reader.truncated},
+        "model": model.model_dump(),
+        "policy": pol.spec,
+        "cache": {
+            "request": cache.model_dump(exclude_none=True),
+            "slots": ca.capacity,
+            "partition": ca.partition,
+            "bytes": cache_bytes,
+        },
+        "hardware": profile.model_dump(),
+    }
+    return ReplayResult(config, result.metrics(), result, profile, notes)
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage dump) and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _fmt_s(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x * 1e3:.3f} ms" if x < 10 else f"{x:.2f} s"
+
+
+def summary(res: ReplayResult) -> str:
+    m, c = res.metrics, res.config
+    model = c["model"]
+    rows = [
+        ("trace", f"{c['trace']['path']} ({model['name']}, {m['steps']} steps, {m['layer_calls']} layer calls)"),
+        ("policy", c["policy"]),
+        ("cache", f"{c['cache']['slots']} slots, {c['cache']['partition']} ({c['cache']['bytes'] / GB:.2f} GB)"),
+        ("hardware", f"{res.profile.name} ({res.profile.source}: {res.profile.gpu.name}, "
+                     f"{res.profile.link.h2d_gbps:g} GB/s H2D)"),
+        ("", ""),
+        ("hit rate", f"{m['hit_rate']:.4f}  ({m['hits']} hits + {m['inflight_hits']} in flight / {m['accesses']} accesses)"),
+        ("misses", f"{m['misses']}  ({m['bytes_h2d'] / GB:.2f} GB host-to-device)"),
+        ("prefetches", f"{m['prefetches']} ({m['wasted_prefetches']} wasted)"),
+        ("TTFT", _fmt_s(m["ttft_s"]) + ("" if m["ttft_s"] is not None else " (no prefill in trace)")),
+        ("TPOT", _fmt_s(m["tpot_s"]) + (f"  ({1 / m['tpot_s']:.2f} tokens/s)" if m["tpot_s"] else "")),
+        ("stall", f"{_fmt_s(m['stall_s'])} of {_fmt_s(m['total_s'])} total"),
+        ("link busy", f"{m['link_busy_frac']:.3f}"),
+        ("GPU busy", f"{m['gpu_busy_frac']:.3f}"),
+        ("dropped mass", f"{m['dropped_mass']:.4f}"),
+        ("substituted mass", f"{m['substituted_mass']:.4f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" if k else "" for k, v in rows)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m sim.replay", description="Replay an MoE routing trace under an offloading policy.")
+    p.add_argument("trace", help="trace file (.jsonl or .jsonl.gz)")
+    p.add_argument("--policy", default="lru", help=f"policy spec (default lru); known: {', '.join(available())}")
+    size = p.add_argument_group("cache size (exactly one)")
+    size.add_argument("--cache-experts", type=int, metavar="N", help="total expert slots")
+    size.add_argument("--cache-per-layer", type=int, metavar="K", help="K slots in every MoE layer (per_layer partition)")
+    size.add_argument("--cache-gb", type=float, metavar="X", help="slots that fit in X GB")
+    p.add_argument("--partition", choices=["global", "per_layer"], help="share slots across layers (default) or split them")
+    p.add_argument("--hardware", default=DEFAULT_HARDWARE, help=f"preset ({', '.join(presets())}) or profile .json")
+    p.add_argument("--out", type=Path, help="write config + metrics as JSON")
+    p.add_argument("--timeline", type=Path, help="write a Gantt chart of the compute and copy streams (HTML)")
+    p.add_argument("--timeline-steps", type=int, default=4, metavar="S", help="steps drawn in the timeline (default 4)")
+    p.add_argument("--allow-truncated", action="store_true", help="replay a trace that has no footer")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prog = "sim.replay"
+    try:
+        cache = CacheConfig(
+            experts=args.cache_experts, per_layer=args.cache_per_layer, gb=args.cache_gb, partition=args.partition
+        )
+    except ValidationError as exc:
+        msg = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+    if args.timeline_steps < 1:
+        print(f"{prog}: error: --timeline-steps must be at least 1", file=sys.stderr)
+        return 2
+    timeline = Timeline(args.timeline_steps) if args.timeline else None
+    try:
+        res = replay(
+            args.trace, args.policy, cache, args.hardware, allow_truncated=args.allow_truncated, timeline=timeline,
+            progress=not args.no_progress,
+        )
+    except (TraceError, PolicySpecError, CacheError, HardwareError, ReplayError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    for note in res.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(summary(res))
+    try:
+        if args.out:
+            write_atomic(args.out, res.to_json())
+            print(f"\nwrote {args.out}")
+        if timeline is not None:
+            from sim.timeline import write_timeline
+
+            write_timeline(timeline, args.timeline, title=f"{res.config['policy']} on {Path(args.trace).name}")
+            print(f"wrote {args.timeline}")
+    except OSError as exc:
+        print(f"{prog}: error: cannot write output: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

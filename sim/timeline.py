@@ -1,0 +1,50 @@
+"""The timeline of a replay as a plotly Gantt chart: one row per stream (GPU compute, each copy engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from sim.engine import Timeline
+
+_COLOURS = {"dense": "#8c8c8c", "expert": "#1f77b4", "load": "#d62728", "prefetch": "#2ca02c"}
+
+
+def figure(tl: Timeline, title: str = "timeline") -> go.Figure:
+    fig = go.Figure()
+    for kind, colour in _COLOURS.items():
+        ivs = [iv for iv in tl.intervals if iv.label.split(" ")[0] == kind]
+        if not ivs:
+            continue
+        fig.add_trace(
+            go.Bar(
+                name=kind,
+                orientation="h",
+                y=[iv.lane for iv in ivs],
+                base=[iv.start * 1e3 for iv in ivs],
+                x=[(iv.end - iv.start) * 1e3 for iv in ivs],
+                marker_color=colour,
+                text=[iv.label for iv in ivs],
+                customdata=[[iv.step, iv.start * 1e3, iv.end * 1e3] for iv in ivs],
+                hovertemplate="%{text}<br>step %{customdata[0]}<br>%{customdata[1]:.3f}-%{customdata[2]:.3f} ms<extra></extra>",
+                textposition="none",
+            )
+        )
+    lanes = sorted({iv.lane for iv in tl.intervals}, key=lambda s: (s != "gpu", s))
+    fig.update_layout(
+        title=title,
+        barmode="overlay",
+        xaxis_title="time (ms)",
+        yaxis={"categoryorder": "array", "categoryarray": list(reversed(lanes))},
+        height=200 + 60 * len(lanes),
+        legend_title_text="work",
+    )
+    return fig
+
+
+def write_timeline(tl: Timeline, path: Path, title: str = "timeline") -> None:
+    """A self-contained HTML file (plotly.js inlined: opens without a network)."""
+    from sim.replay import write_atomic
+
+    write_atomic(path, figure(tl, title).to_html(include_plotlyjs=True, full_html=True))
