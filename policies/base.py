@@ -106,6 +106,7 @@ class Policy:
         """
         free: dict[int, int] = {}
         taken: set[Key] = set(protect)
+        chosen: set[Key] = set()
         earlier: list[Key] = list(runs_before)
         loads: list[Load] = []
         for key in keys:
@@ -120,19 +121,21 @@ class Policy:
                 if victim is None:
                     victim = next((k for k in cache.oldest(part) if k in cache.inflight and k not in taken), None)
                 if victim is None and force:
-                    victim = next((k for k in earlier if cache.part(k) == part and k not in _victims(loads)), None)
+                    # every slot holds an expert this call uses: reuse the slot of one that runs earlier
+                    ran = {k for k in earlier if k in cache.resident} - chosen
+                    if ran:
+                        victim = self.victim(cache, part, taken - ran)
+                    if victim is None:
+                        victim = next((k for k in earlier if cache.part(k) == part and k not in chosen and k not in cache.resident), None)
                 if victim is None:
                     if force:
                         raise PolicySpecError(f"no slot for {key}: the partition holds {cache.part_capacity[part]} slots")
                     break
                 taken.add(victim)
+                chosen.add(victim)
             loads.append(Load(key, victim))
             earlier.append(key)
         return loads
-
-
-def _victims(loads: list[Load]) -> set[Key]:
-    return {ld.victim for ld in loads if ld.victim is not None}
 
 
 def _fmt(v: Any) -> str:

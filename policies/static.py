@@ -20,8 +20,9 @@ class Static(DemandPolicy):
     """Pin the most used experts of each partition, counted on a profiling trace (or, as an oracle,
     on the replayed trace itself); other experts share `scratch` slots under LRU.
 
-    Pinned experts load on first use like any other (every policy starts cold) and are never evicted
-    unless a single call needs more slots than the partition has.
+    Pinned experts load on first use like any other (every policy starts cold). A pinned expert is
+    evicted (least recent first) only when a call needs more unpinned experts than there are scratch
+    slots.
     """
 
     Params = StaticParams
@@ -49,10 +50,14 @@ class Static(DemandPolicy):
 
     def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
         inflight, pinned = cache.inflight, self.pinned
+        fallback: Key | None = None
         for k in cache.least_recent(part):
-            if k not in exclude and k not in inflight and k not in pinned:
-                return k
-        return None
+            if k not in exclude and k not in inflight:
+                if k not in pinned:
+                    return k
+                if fallback is None:
+                    fallback = k
+        return fallback
 
 
 def _count_trace(path: str, model) -> dict[Key, int]:  # type: ignore[no-untyped-def]

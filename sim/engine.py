@@ -193,8 +193,10 @@ class Simulation:
                 self.cache.complete(tr.key)
             tr.done.succeed()
 
-    def _issue(self, plan: LayerPlan, step: int, release: dict[Key, simpy.Event]) -> None:
+    def _issue(self, plan: LayerPlan, step: int, release: dict[Key, simpy.Event]) -> dict[Key, simpy.Event]:
+        """Queue the plan's copies; returns the done events of its urgent loads."""
         env, loading, sizes = self.env, self.loading, self.costs.variant_bytes
+        urgent: dict[Key, simpy.Event] = {}
         for ld, prio in itertools.chain(((x, URGENT) for x in plan.loads), ((x, PREFETCH) for x in plan.prefetch)):
             wait = []
             if ld.victim is not None:
@@ -208,6 +210,9 @@ class Simulation:
             loading[ld.key] = done
             tr = _Transfer(ld.key, sizes[ld.variant], done, wait, step, prio == URGENT)
             self.h2d_queue.put((prio, next(self._seq), tr))
+            if prio == URGENT:
+                urgent[ld.key] = done
+        return urgent
 
     # -- the compute stream ------------------------------------------------------------------------
     def _cpu_experts(self, costs: list[float]) -> Iterator[simpy.Event]:
@@ -247,9 +252,7 @@ class Simulation:
             waits = {k: loading[k] for k in plan.execute if k in loading}  # in-flight before this call
             apply_plan(cache, req, plan, counters, variant_bytes)
             if plan.loads or plan.prefetch:
-                self._issue(plan, step, release)
-                for ld in plan.loads:
-                    waits[ld.key] = loading[ld.key]
+                waits.update(self._issue(plan, step, release))
             cpu_proc = None
             if plan.cpu:
                 counts = plan.tokens_per_expert(req)
