@@ -104,37 +104,41 @@ class Policy:
         execution order (`runs_before` plus earlier loads), so a call that needs more experts than the
         cache holds streams them through the slots instead of deadlocking.
         """
-        free: dict[int, int] = {}
-        taken: set[Key] = set(protect)
-        chosen: set[Key] = set()
-        earlier: list[Key] = list(runs_before)
         loads: list[Load] = []
+        free: dict[int, int] = {}
+        taken: set[Key] | None = None  # protected keys and victims chosen so far, built on the first eviction
+        chosen: set[Key] = set()
+        glob = cache.partition == "global"
         for key in keys:
-            part = cache.part(key)
-            if part not in free:
-                free[part] = cache.free[part]
-            victim: Key | None = None
-            if free[part] > 0:
-                free[part] -= 1
-            else:
-                victim = self.victim(cache, part, taken)
+            part = 0 if glob else key[0]
+            f = free.get(part)
+            if f is None:
+                f = cache.free[part]
+            if f > 0:
+                free[part] = f - 1
+                loads.append(Load(key))
+                continue
+            free[part] = 0
+            if taken is None:
+                taken = set(protect)
+            victim = self.victim(cache, part, taken)
+            if victim is None:
+                victim = next((k for k in cache.oldest(part) if k in cache.inflight and k not in taken), None)
+            if victim is None and force:
+                # every slot holds an expert this call uses: reuse the slot of one that runs earlier
+                earlier = [*runs_before, *(ld.key for ld in loads)]
+                ran = {k for k in earlier if k in cache.resident} - chosen
+                if ran:
+                    victim = self.victim(cache, part, taken - ran)
                 if victim is None:
-                    victim = next((k for k in cache.oldest(part) if k in cache.inflight and k not in taken), None)
-                if victim is None and force:
-                    # every slot holds an expert this call uses: reuse the slot of one that runs earlier
-                    ran = {k for k in earlier if k in cache.resident} - chosen
-                    if ran:
-                        victim = self.victim(cache, part, taken - ran)
-                    if victim is None:
-                        victim = next((k for k in earlier if cache.part(k) == part and k not in chosen and k not in cache.resident), None)
-                if victim is None:
-                    if force:
-                        raise PolicySpecError(f"no slot for {key}: the partition holds {cache.part_capacity[part]} slots")
-                    break
-                taken.add(victim)
-                chosen.add(victim)
+                    victim = next((k for k in earlier if cache.part(k) == part and k not in chosen and k not in cache.resident), None)
+            if victim is None:
+                if force:
+                    raise PolicySpecError(f"no slot for {key}: the partition holds {cache.part_capacity[part]} slots")
+                break
+            taken.add(victim)
+            chosen.add(victim)
             loads.append(Load(key, victim))
-            earlier.append(key)
         return loads
 
 
@@ -154,10 +158,10 @@ class DemandPolicy(Policy):
     def plan(self, req: LayerRequest, cache: ExpertCache) -> LayerPlan:
         need = req.keys_in_access_order()
         resident = cache.resident
-        hits = [k for k in need if k in resident]
-        if len(hits) == len(need):
-            return LayerPlan(execute=need, order=need)
         misses = [k for k in need if k not in resident]
+        if not misses:
+            return LayerPlan(execute=need, order=need)
+        hits = [k for k in need if k in resident]
         loads = self.make_room(cache, misses, set(need), hits)
         return LayerPlan(execute=need, order=hits + misses, loads=loads)
 
@@ -217,6 +221,8 @@ def parse_spec(spec: str) -> list[tuple[str, dict[str, Any]]]:
                     params[key] = ast.literal_eval(raw)
                 except (ValueError, SyntaxError):
                     params[key] = raw  # bare words are strings: metric=entropy
+                except (TypeError, MemoryError, RecursionError):
+                    raise PolicySpecError(f"policy {name!r}: parameter {key!r} has an unusable value {raw!r}") from None
         out.append((name, params))
     return out
 

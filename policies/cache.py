@@ -40,6 +40,7 @@ class ExpertCache:
         if capacity < 1:
             raise CacheError(f"cache capacity must be at least 1 slot, got {capacity}")
         self.partition: Partition = partition
+        self._global = partition == "global"
         self.num_layers = num_layers
         if partition == "global":
             caps = [capacity]
@@ -64,7 +65,7 @@ class ExpertCache:
 
     # -- reading -----------------------------------------------------------------------------------
     def part(self, key: Key) -> int:
-        return 0 if self.partition == "global" else key[0]
+        return 0 if self._global else key[0]
 
     def __contains__(self, key: object) -> bool:
         return key in self.resident
@@ -132,5 +133,6 @@ class ExpertCache:
         """Record one access (the engine calls it in the call's access order)."""
         self.uses[key] = self.uses.get(key, 0) + 1
         if key in self.resident:
-            self.recency[self.part(key)].move_to_end(key)
-            self.prefetched_unused.discard(key)
+            self.recency[0 if self._global else key[0]].move_to_end(key)
+            if self.prefetched_unused:
+                self.prefetched_unused.discard(key)

@@ -6,7 +6,8 @@ construction; only time differs between the engines.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,9 +36,9 @@ class Load:
 class LayerPlan:
     execute: list[Key]  # distinct experts run on the GPU, in access order (the touch order)
     order: list[Key]  # the same experts in GPU execution order
-    loads: list[Load] = field(default_factory=list)  # urgent: this call waits for them
-    prefetch: list[Load] = field(default_factory=list)  # for later layers; nobody waits now
-    cpu: list[Key] = field(default_factory=list)  # experts run on the CPU instead (Fiddler-style)
+    loads: Sequence[Load] = ()  # urgent: this call waits for them
+    prefetch: Sequence[Load] = ()  # for later layers; nobody waits now
+    cpu: Sequence[Key] = ()  # experts run on the CPU instead (Fiddler-style)
     topk: np.ndarray | None = None  # executed assignment if the policy changed it; -1 marks a dropped slot
     weights: np.ndarray | None = None
     dropped_mass: float = 0.0  # routing weight whose expert was not run at all
@@ -79,33 +80,40 @@ class Counters:
         return (self.hits + self.inflight_hits) / self.accesses if self.accesses else 0.0
 
 
-HIT, INFLIGHT_HIT, MISS = 0, 1, 2
-
-
-def apply_plan(
-    cache: ExpertCache, req: LayerRequest, plan: LayerPlan, counters: Counters, variant_bytes: dict[str, int]
-) -> list[int]:
-    """Classify the plan's GPU experts (HIT, INFLIGHT_HIT or MISS, in `plan.execute` order), apply its
-    loads and prefetches to the cache, touch the executed experts in access order, and count."""
+def apply_plan(cache: ExpertCache, req: LayerRequest, plan: LayerPlan, counters: Counters, variant_bytes: dict[str, int]) -> None:
+    """Check the plan against the cache, apply its loads and prefetches, touch the executed experts in
+    access order, and count: a GPU expert is a hit if resident, an in-flight hit if its copy is still
+    running, a miss if the plan loads it now."""
     resident, inflight = cache.resident, cache.inflight
-    loading = {ld.key for ld in plan.loads}
-    kinds: list[int] = []
-    for key in plan.execute:
-        if key in loading:
-            if key in resident:
-                raise PlanError(f"layer {req.layer} step {req.step}: plan loads {key}, which is already resident")
-            kinds.append(MISS)
-        elif key in inflight:
-            kinds.append(INFLIGHT_HIT)
-        elif key in resident:
-            kinds.append(HIT)
-        else:
-            raise PlanError(f"layer {req.layer} step {req.step}: plan runs {key} on the GPU without loading it")
-    if len(loading) != len(plan.loads) or kinds.count(MISS) != len(plan.loads):
-        raise PlanError(
-            f"layer {req.layer} step {req.step}: urgent loads must be distinct experts that this call runs on the GPU"
-        )
-    for ld in plan.loads:
+    loads = plan.loads
+    hits = inflight_hits = 0
+    if loads:
+        loading = {ld.key for ld in loads}
+        if len(loading) != len(loads):
+            raise PlanError(f"layer {req.layer} step {req.step}: plan loads an expert twice")
+        for key in plan.execute:
+            if key in loading:
+                if key in resident:
+                    raise PlanError(f"layer {req.layer} step {req.step}: plan loads {key}, which is already resident")
+            elif key in inflight:
+                inflight_hits += 1
+            elif key in resident:
+                hits += 1
+            else:
+                raise PlanError(f"layer {req.layer} step {req.step}: plan runs {key} on the GPU without loading it")
+    else:
+        for key in plan.execute:
+            if key in inflight:
+                inflight_hits += 1
+            elif key in resident:
+                hits += 1
+            else:
+                raise PlanError(f"layer {req.layer} step {req.step}: plan runs {key} on the GPU without loading it")
+    accesses = len(plan.execute)
+    misses = accesses - hits - inflight_hits
+    if misses != len(loads):
+        raise PlanError(f"layer {req.layer} step {req.step}: an urgent load is for an expert this call does not run on the GPU")
+    for ld in loads:
         if cache.apply_load(ld.key, ld.victim, ld.variant):
             counters.wasted_prefetches += 1
         counters.bytes_h2d += variant_bytes[ld.variant]
@@ -113,18 +121,19 @@ def apply_plan(
         if cache.apply_load(ld.key, ld.victim, ld.variant, prefetch=True):
             counters.wasted_prefetches += 1
         counters.bytes_h2d += variant_bytes[ld.variant]
+    touch = cache.touch
     for key in plan.execute:
-        cache.touch(key)
+        touch(key)
     for key in plan.cpu:
-        cache.touch(key)
+        touch(key)
     counters.layer_calls += 1
-    counters.accesses += len(kinds)
-    counters.hits += kinds.count(HIT)
-    counters.inflight_hits += kinds.count(INFLIGHT_HIT)
-    counters.misses += len(plan.loads)
+    counters.accesses += accesses
+    counters.hits += hits
+    counters.inflight_hits += inflight_hits
+    counters.misses += misses
     counters.prefetches += len(plan.prefetch)
-    counters.cpu_experts += len(plan.cpu)
+    if plan.cpu:
+        counters.cpu_experts += len(plan.cpu)
     counters.routed_mass += req.total_mass
     counters.dropped_mass += plan.dropped_mass
     counters.substituted_mass += plan.substituted_mass
-    return kinds

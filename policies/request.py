@@ -11,6 +11,10 @@ Key = tuple[int, int]
 """A cache key: (MoE layer index, expert id)."""
 
 
+def _heaviest_first(pair: tuple[float, int]) -> tuple[float, int]:
+    return (-pair[0], pair[1])
+
+
 @dataclass(slots=True)
 class LayerRequest:
     """One MoE layer call of one forward step, as both engines present it to a policy.
@@ -29,6 +33,7 @@ class LayerRequest:
     importance: np.ndarray | None = None  # (tokens,)
     _order: list[int] | None = field(default=None, repr=False)
     _counts: dict[int, int] | None = field(default=None, repr=False)
+    _mass: float = field(default=0.0, repr=False)
 
     @property
     def tokens(self) -> int:
@@ -41,12 +46,20 @@ class LayerRequest:
         the experts in it, so LRU-like policies agree to the last expert.
         """
         if self._order is None:
-            mass: dict[int, float] = {}
             counts: dict[int, int] = {}
-            for e, w in zip(self.topk.ravel().tolist(), self.weights.ravel().tolist(), strict=True):
-                mass[e] = mass.get(e, 0.0) + w
-                counts[e] = counts.get(e, 0) + 1
-            self._order = sorted(mass, key=lambda e: (-mass[e], e))
+            if self.topk.shape[0] == 1:  # one token (decode): its experts are distinct, no sums needed
+                ws = self.weights[0].tolist()
+                pairs = sorted(zip(ws, self.topk[0].tolist(), strict=True), key=_heaviest_first)
+                self._order = [e for _, e in pairs]
+                counts = dict.fromkeys(self._order, 1)
+                self._mass = sum(ws)
+            else:
+                mass: dict[int, float] = {}
+                for e, w in zip(self.topk.ravel().tolist(), self.weights.ravel().tolist(), strict=True):
+                    mass[e] = mass.get(e, 0.0) + w
+                    counts[e] = counts.get(e, 0) + 1
+                self._order = sorted(mass, key=lambda e: (-mass[e], e))
+                self._mass = sum(self.weights.ravel().tolist())
             self._counts = counts
         return self._order
 
@@ -63,4 +76,7 @@ class LayerRequest:
 
     @property
     def total_mass(self) -> float:
-        return float(self.weights.sum())
+        """Summed routing weight of the call (the denominator of dropped and substituted mass)."""
+        if self._order is None:
+            self.experts_in_access_order()
+        return self._mass

@@ -61,10 +61,10 @@ class Static(DemandPolicy):
 
 
 def _count_trace(path: str, model) -> dict[Key, int]:  # type: ignore[no-untyped-def]
+    import numpy as np
+
     from policies.request import LayerRequest  # local: keeps the import graph flat
     from traces.io import TraceReader
-
-    import numpy as np
 
     reader = TraceReader(path)
     other = reader.header.model

@@ -19,7 +19,7 @@ class CacheConfig(BaseModel):
 
     experts: int | None = Field(None, ge=1)
     per_layer: int | None = Field(None, ge=1)
-    gb: float | None = Field(None, gt=0)
+    gb: float | None = Field(None, gt=0, allow_inf_nan=False)
     partition: Literal["global", "per_layer"] | None = None
 
     @model_validator(mode="after")

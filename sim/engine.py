@@ -17,8 +17,9 @@ hit counts do not depend on timing and equal the runtime's.
 
 from __future__ import annotations
 
+import heapq
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,19 @@ def future_of(records: Iterable[LayerRecord | StepRecord]) -> Future:
     return Future(calls)
 
 
+def _memo(fn: Callable[[int], float]) -> Callable[[int], float]:
+    """Costs by token count, computed once: the compute stream asks for the same few counts all the time."""
+    table: dict[int, float] = {}
+
+    def cost(n: int) -> float:
+        v = table.get(n)
+        if v is None:
+            v = table[n] = fn(n)
+        return v
+
+    return cost
+
+
 @dataclass(slots=True)
 class Interval:
     lane: str
@@ -77,10 +91,20 @@ class Timeline:
 class _Transfer:
     key: Key
     nbytes: int
-    done: simpy.Event
     wait: list[simpy.Event]
     step: int
     urgent: bool
+    copy: simpy.Event | None = None  # the Timeout, once the copy has started
+    end: float | None = None  # when it lands, once started
+    waiter: simpy.Event | None = None  # for whoever must wait before it has started
+
+    def event(self, env: simpy.Environment) -> simpy.Event:
+        """An event that fires when the copy lands."""
+        if self.copy is not None:
+            return self.copy
+        if self.waiter is None:
+            self.waiter = env.event()
+        return self.waiter
 
 
 @dataclass
@@ -160,58 +184,85 @@ class Simulation:
         self.timeline = timeline
         self.env = simpy.Environment()
         self.counters = Counters()
-        self.h2d_queue = simpy.PriorityStore(self.env)
+        # the copy queue: (priority, seq, transfer) in a heap; `_h2d_free` lists idle engines
+        self.h2d_queue: list[tuple[int, int, _Transfer]] = []
+        self._h2d_free: list[int] = list(range(copy_engines))
         self.cpu = simpy.Resource(self.env, capacity=1)
         self.copy_engines = copy_engines
-        self.loading: dict[Key, simpy.Event] = {}  # key -> its copy's done event, while in flight
+        self.loading: dict[Key, _Transfer] = {}  # keys whose copy is queued or running
         self._seq = itertools.count()
         self.steps: list[StepTime] = []
         self.stall_s = 0.0
         self.gpu_busy_s = 0.0
         self.link_busy_s = 0.0
         self.nonmoe_layers = model.num_layers - model.num_moe_layers
-        for i in range(copy_engines):
-            self.env.process(self._h2d_engine(i))
 
-    # -- the copy engine ---------------------------------------------------------------------------
-    def _h2d_engine(self, index: int) -> Iterator[simpy.Event]:
-        env, costs, tl = self.env, self.costs, self.timeline
-        lane = f"h2d{index}"
-        while True:
-            item = yield self.h2d_queue.get()
-            tr: _Transfer = item[2]
-            for ev in tr.wait:
-                if not ev.processed:
-                    yield ev
-            start = env.now
-            yield env.timeout(costs.h2d_latency_s + tr.nbytes / costs.h2d_bytes_per_s)
-            self.link_busy_s += env.now - start
-            if tl is not None:
-                tl.add(lane, start, env.now, f"{'load' if tr.urgent else 'prefetch'} L{tr.key[0]}E{tr.key[1]}", tr.step)
-            if self.loading.get(tr.key) is tr.done:
-                del self.loading[tr.key]
-                self.cache.complete(tr.key)
-            tr.done.succeed()
+    # -- the copy engines ---------------------------------------------------------------------------
+    # A server in SimPy's own style (as its resources are built): a started copy is a Timeout whose
+    # callback finishes it and starts the next, so an uncontended copy costs one event.
+    def _h2d_start(self, at: float | None = None) -> None:
+        while self._h2d_free and self.h2d_queue:
+            tr = heapq.heappop(self.h2d_queue)[2]
+            self._h2d_free.sort()
+            lane = self._h2d_free.pop(0)
+            pending = [ev for ev in tr.wait if not ev.processed]
+            if pending:  # the slot is not free yet: this engine holds the copy until it is
+                self._h2d_after(tr, lane, pending)
+            else:
+                self._h2d_begin(tr, lane, self.env.now if at is None else at)
 
-    def _issue(self, plan: LayerPlan, step: int, release: dict[Key, simpy.Event]) -> dict[Key, simpy.Event]:
-        """Queue the plan's copies; returns the done events of its urgent loads."""
-        env, loading, sizes = self.env, self.loading, self.costs.variant_bytes
-        urgent: dict[Key, simpy.Event] = {}
-        for ld, prio in itertools.chain(((x, URGENT) for x in plan.loads), ((x, PREFETCH) for x in plan.prefetch)):
-            wait = []
-            if ld.victim is not None:
-                prev = loading.pop(ld.victim, None)  # evicting a key still in flight: wait for its copy
-                if prev is not None:
-                    wait.append(prev)
-                rel = release.get(ld.victim)
-                if rel is not None:
-                    wait.append(rel)
-            done = env.event()
-            loading[ld.key] = done
-            tr = _Transfer(ld.key, sizes[ld.variant], done, wait, step, prio == URGENT)
-            self.h2d_queue.put((prio, next(self._seq), tr))
-            if prio == URGENT:
-                urgent[ld.key] = done
+    def _h2d_after(self, tr: _Transfer, lane: int, pending: list[simpy.Event]) -> None:
+        def retry(_: simpy.Event) -> None:
+            rest = [ev for ev in pending if not ev.processed]
+            if rest:
+                rest[0].callbacks.append(retry)
+            else:
+                self._h2d_begin(tr, lane, self.env.now)
+
+        pending[0].callbacks.append(retry)
+
+    def _h2d_begin(self, tr: _Transfer, lane: int, start: float) -> None:
+        env = self.env
+        duration = self.costs.h2d_latency_s + tr.nbytes / self.costs.h2d_bytes_per_s
+        tr.end = start + duration
+        tr.copy = env.timeout(tr.end - env.now)
+        tr.copy.callbacks.append(lambda _: self._h2d_finish(tr, lane, start))
+
+    def _h2d_finish(self, tr: _Transfer, lane: int, start: float) -> None:
+        now = self.env.now
+        self.link_busy_s += now - start
+        if self.timeline is not None:
+            kind = "load" if tr.urgent else "prefetch"
+            self.timeline.add(f"h2d{lane}", start, now, f"{kind} L{tr.key[0]}E{tr.key[1]}", tr.step)
+        if self.loading.get(tr.key) is tr:
+            del self.loading[tr.key]
+            self.cache.complete(tr.key)
+        if tr.waiter is not None:
+            tr.waiter.succeed()
+        self._h2d_free.append(lane)
+        self._h2d_start()
+
+    def _issue(self, plan: LayerPlan, step: int, release: dict[Key, simpy.Event], at: float) -> list[_Transfer]:
+        """Queue the plan's copies and start what can start (at time `at`: the compute stream's
+        present, when it runs ahead of the clock with nothing in flight); returns the urgent ones."""
+        loading, sizes, env = self.loading, self.costs.variant_bytes, self.env
+        urgent: list[_Transfer] = []
+        for prio, group in ((URGENT, plan.loads), (PREFETCH, plan.prefetch)):
+            for ld in group:
+                wait = []
+                if ld.victim is not None:
+                    prev = loading.pop(ld.victim, None)  # evicting a key still in flight: wait for its copy
+                    if prev is not None:
+                        wait.append(prev.event(env))
+                    rel = release.get(ld.victim)
+                    if rel is not None:
+                        wait.append(rel)
+                tr = _Transfer(ld.key, sizes[ld.variant], wait, step, prio == URGENT)
+                loading[ld.key] = tr
+                heapq.heappush(self.h2d_queue, (prio, next(self._seq), tr))
+                self._h2d_start(at)
+                if prio == URGENT:
+                    urgent.append(tr)
         return urgent
 
     # -- the compute stream ------------------------------------------------------------------------
@@ -221,79 +272,103 @@ class Simulation:
             yield self.env.timeout(sum(costs))
 
     def _gpu_stream(self, records: Iterable[LayerRecord | StepRecord]) -> Iterator[simpy.Event]:
+        """The compute stream. `t` is GPU work scheduled after `env.now` but not yet yielded: the
+        stream runs ahead of the clock while nothing it does can be observed, and yields (lets the
+        clock catch up) before the policy looks at a cache that copies in flight may change, and
+        before it waits for a copy whose landing time is not yet known."""
         env, cache, policy, costs, counters = self.env, self.cache, self.policy, self.costs, self.counters
         tl = self.timeline
         loading = self.loading
         variant_bytes = costs.variant_bytes
+        engines = self.copy_engines
         step = -1
         phase = "decode"
         step_start = 0.0
+        t = 0.0
+        no_release: dict[Key, simpy.Event] = {}
+        dense_s = _memo(costs.dense_s)
+        expert_s = _memo(costs.gpu_expert_s)
         for rec in records:
             if not isinstance(rec, LayerRecord):
                 continue
             if rec.step != step:
                 if step >= 0:
-                    self._end_step(step, phase, step_start)
-                step, phase, step_start = rec.step, rec.phase, env.now
+                    self._end_step(step, phase, step_start, env.now + t)
+                step, phase, step_start = rec.step, rec.phase, env.now + t
                 if self.nonmoe_layers:
-                    t = self.nonmoe_layers * costs.dense_s(rec.tokens)
+                    d = self.nonmoe_layers * dense_s(rec.tokens)
                     if tl is not None:
-                        tl.add("gpu", env.now, env.now + t, "dense layers", step)
-                    self.gpu_busy_s += t
-                    yield env.timeout(t)
+                        tl.add("gpu", env.now + t, env.now + t + d, "dense layers", step)
+                    t += d
+                    self.gpu_busy_s += d
+            if loading and t > 0:  # copies landing meanwhile change what the policy sees
+                yield env.timeout(t)
+                t = 0.0
             req = request_from_record(rec)
             plan = policy.plan(req, cache)
-            release: dict[Key, simpy.Event] = {}
-            if plan.loads:
-                need = set(plan.execute)
-                for v in plan.evictions:
-                    if v in need:
-                        release[v] = env.event()
-            waits = {k: loading[k] for k in plan.execute if k in loading}  # in-flight before this call
+            release = no_release
+            for ld in plan.loads:
+                if ld.victim is not None and ld.victim in plan.execute:  # a slot reused inside the call
+                    if release is no_release:
+                        release = {}
+                    release[ld.victim] = env.event()
+            if t > 0 and (plan.cpu or release or len(self._h2d_free) < engines):
+                yield env.timeout(t)  # these interact with other processes: start them at the present
+                t = 0.0
+            waits = {k: loading[k] for k in plan.execute if k in loading} if loading else {}
             apply_plan(cache, req, plan, counters, variant_bytes)
             if plan.loads or plan.prefetch:
-                waits.update(self._issue(plan, step, release))
+                for tr in self._issue(plan, step, release, env.now + t):
+                    waits[tr.key] = tr
+            counts = plan.tokens_per_expert(req)
             cpu_proc = None
             if plan.cpu:
-                counts = plan.tokens_per_expert(req)
                 cpu_proc = env.process(self._cpu_experts([costs.cpu_expert_s(counts[k[1]]) for k in plan.cpu]))
-            # dense part, then the experts; consecutive ready work is one timeout
-            t = costs.dense_s(rec.tokens)
+            # the dense part, then the experts in execution order, each once its weights are in
+            d = dense_s(rec.tokens)
             if tl is not None:
-                tl.add("gpu", env.now, env.now + t, f"dense L{rec.layer}", step)
-            counts = plan.tokens_per_expert(req)
+                tl.add("gpu", env.now + t, env.now + t + d, f"dense L{rec.layer}", step)
+            t += d
+            self.gpu_busy_s += d
             for key in plan.order:
-                ev = waits.get(key)
-                if ev is not None and not ev.processed:
-                    if t > 0:
-                        self.gpu_busy_s += t
-                        yield env.timeout(t)
-                        t = 0.0
-                    w0 = env.now
-                    yield ev
-                    self.stall_s += env.now - w0
-                dt = costs.gpu_expert_s(counts[key[1]])
+                tr = waits.get(key)
+                if tr is not None:
+                    if tr.end is None:  # still queued: wait for it in simulated time
+                        if t > 0:
+                            yield env.timeout(t)
+                            t = 0.0
+                        if tr.end is None:
+                            w0 = env.now
+                            yield tr.event(env)
+                            self.stall_s += env.now - w0
+                    if tr.end is not None and tr.end > env.now + t:  # it lands at a known time
+                        self.stall_s += tr.end - (env.now + t)
+                        t = tr.end - env.now
+                d = expert_s(counts[key[1]])
                 if tl is not None:
-                    tl.add("gpu", env.now + t, env.now + t + dt, f"expert L{key[0]}E{key[1]}", step)
-                t += dt
+                    tl.add("gpu", env.now + t, env.now + t + d, f"expert L{key[0]}E{key[1]}", step)
+                t += d
+                self.gpu_busy_s += d
                 rel = release.get(key)
-                if rel is not None:
-                    self.gpu_busy_s += t
+                if rel is not None:  # the slot is free once this expert has run
                     yield env.timeout(t)
                     t = 0.0
                     rel.succeed()
-            if t > 0:
-                self.gpu_busy_s += t
-                yield env.timeout(t)
-            if cpu_proc is not None and not cpu_proc.processed:
-                w0 = env.now
-                yield cpu_proc
-                self.stall_s += env.now - w0
+            if cpu_proc is not None:
+                if t > 0:
+                    yield env.timeout(t)
+                    t = 0.0
+                if not cpu_proc.processed:
+                    w0 = env.now
+                    yield cpu_proc
+                    self.stall_s += env.now - w0
+        if t > 0:
+            yield env.timeout(t)
         if step >= 0:
-            self._end_step(step, phase, step_start)
+            self._end_step(step, phase, step_start, env.now)
 
-    def _end_step(self, step: int, phase: str, start: float) -> None:
-        self.steps.append(StepTime(step, phase, start, self.env.now))
+    def _end_step(self, step: int, phase: str, start: float, end: float) -> None:
+        self.steps.append(StepTime(step, phase, start, end))
         self.policy.observe(step)
 
     def run(self, records: Iterable[LayerRecord | StepRecord]) -> SimResult:

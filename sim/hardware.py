@@ -18,7 +18,8 @@ from policies.costs import ComputeCost, CostModel
 from traces.schema import ModelSpec
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
-GB = 1e9
+GB = 1e9  # bandwidths are decimal (GB/s), as datasheets give them
+GIB = 2**30  # memory sizes are binary: a "24 GB" card holds 24 GiB
 
 
 class HardwareError(ValueError):
@@ -40,8 +41,8 @@ class LinkProfile(_Strict):
 
 class GPUProfile(_Strict):
     name: str
-    hbm_gb: float = Field(gt=0)
-    reserve_gb: float = Field(1.5, ge=0, description="KV cache, activations, CUDA context (dense weights are added)")
+    hbm_gib: float = Field(gt=0, description="device memory in GiB (what vendors call GB)")
+    reserve_gib: float = Field(1.5, ge=0, description="GiB for KV cache, activations, CUDA context (dense weights are added)")
     peak_tflops: float = Field(gt=0, description="dense bf16 tensor-core peak")
     hbm_gbps: float = Field(gt=0)
     flops_efficiency: float = Field(0.6, gt=0, le=1)
@@ -54,7 +55,7 @@ class CPUProfile(_Strict):
     name: str
     peak_gflops: float = Field(gt=0, description="fp32 vector peak of all cores")
     mem_gbps: float = Field(gt=0, description="DRAM bandwidth")
-    dram_gb: float = Field(gt=0)
+    dram_gib: float = Field(gt=0, description="host memory in GiB")
     flops_efficiency: float = Field(0.5, gt=0, le=1)
     mem_efficiency: float = Field(0.7, gt=0, le=1)
     expert_overhead_us: float = Field(50.0, ge=0)
@@ -93,9 +94,10 @@ class HardwareProfile(_Strict):
     # -- derived ----------------------------------------------------------------------------------
     def expert_budget_bytes(self, model: ModelSpec) -> int:
         """HBM left for the expert cache once dense weights and the reserve are placed."""
-        return int(self.gpu.hbm_gb * GB - self.gpu.reserve_gb * GB - model.dense_bytes)
+        return int(self.gpu.hbm_gib * GIB - self.gpu.reserve_gib * GIB - model.dense_bytes)
 
     def cost_model(self, model: ModelSpec, variant_bytes: dict[str, int] | None = None) -> CostModel:
+        """The deterministic costs both the engines and the policies use (calibrated fit, else roofline)."""
         if self.fit is not None and self.fit.model != model.name:
             raise HardwareError(
                 f"hardware profile {self.name!r} was calibrated on model {self.fit.model!r}, the trace is {model.name!r}; "
@@ -141,12 +143,16 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     if not path.exists():
         raise HardwareError(f"{path}: no such hardware profile file")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise HardwareError(f"{path}:{exc.lineno}: bad JSON: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise HardwareError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise HardwareError(f"{path}: cannot read hardware profile: {exc.strerror or exc}") from None
     try:
         return HardwareProfile.model_validate(data)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
-        field = ".".join(str(x) for x in err["loc"])
+        field = ".".join(str(x) for x in err["loc"]) or "profile"
         raise HardwareError(f"{path}: {field}: {err['msg']}") from None

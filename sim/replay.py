@@ -83,7 +83,7 @@ def replay(
         notes.append(
             f"the cache ({cache_bytes / GB:.1f} GB) exceeds what {profile.name} has left for experts "
             f"({max(budget, 0) / GB:.1f} GB after {model.dense_bytes / GB:.1f} GB dense weights and "
-            f"{profile.gpu.reserve_gb:g} GB reserve); timings assume it fits"
+            f"{profile.gpu.reserve_gib:g} GiB reserve); timings assume it fits"
         )
     future = future_of(TraceReader(path, allow_truncated=allow_truncated)) if pol.wants_future() else None
     pol.reset(model, ca, costs, future)
@@ -189,8 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             experts=args.cache_experts, per_layer=args.cache_per_layer, gb=args.cache_gb, partition=args.partition
         )
     except ValidationError as exc:
-        msg = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
-        print(f"{prog}: error: {msg}", file=sys.stderr)
+        err = exc.errors(include_url=False)[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        flag = {"experts": "--cache-experts", "per_layer": "--cache-per-layer", "gb": "--cache-gb"}.get(
+            str(err["loc"][0]) if err["loc"] else "", ""
+        )
+        print(f"{prog}: error: {flag + ': ' if flag else ''}{msg}", file=sys.stderr)
         return 2
     if args.timeline_steps < 1:
         print(f"{prog}: error: --timeline-steps must be at least 1", file=sys.stderr)

@@ -28,8 +28,15 @@ class TraceError(Exception):
 
     def __init__(self, path: str | os.PathLike[str], line: int | None, field: str | None, message: str):
         self.path, self.line, self.field, self.message = str(path), line, field, message
-        where = self.path if line is None else f"{self.path}:{line}"
-        super().__init__(f"{where}: {field}: {message}" if field else f"{where}: {message}")
+        where = _one_line(self.path) if line is None else f"{_one_line(self.path)}:{line}"
+        text = f"{where}: {_one_line(field)}: {_one_line(message)}" if field else f"{where}: {_one_line(message)}"
+        super().__init__(text)
+
+
+def _one_line(text: str) -> str:
+    """Escape control characters: field names and paths come from the data, and a newline in one must not
+    split the one-line message."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _first_error(err: ValidationError) -> tuple[str, str]:
@@ -124,7 +131,8 @@ class TraceReader:
     def __iter__(self) -> Iterator[Record]:
         h = self.header.model
         n_layers, n_experts, top_k = h.num_moe_layers, h.num_experts, h.top_k
-        fields = self.header.fields
+        flags = self.header.fields
+        fields = [n for n in ("probs", "lookahead", "importance", "measured") if getattr(flags, n)]
         layer_records = 0
         steps_seen: set[int] = set()
         last_step = -1
@@ -145,6 +153,22 @@ class TraceReader:
                 if not raw:
                     break
                 lineno += 1
+                if raw.startswith(b'{"kind":"layer"') and self.footer is None:
+                    # fast path for the lines our writer makes: one validation straight from the bytes;
+                    # anything it rejects goes through the careful path below for the precise message
+                    try:
+                        rec = LayerRecord.model_validate_json(raw)
+                    except ValidationError:
+                        pass
+                    else:
+                        self._check_layer(rec, lineno, n_layers, n_experts, top_k, fields)
+                        if rec.step < last_step:
+                            raise TraceError(self.path, lineno, "step", f"{rec.step} goes back (previous record had step {last_step})")
+                        last_step = rec.step
+                        steps_seen.add(rec.step)
+                        layer_records += 1
+                        yield rec
+                        continue
                 if self.allow_truncated and not raw.endswith(b"\n"):
                     try:
                         line = raw.decode("utf-8")
@@ -199,7 +223,9 @@ class TraceReader:
                 )
             self.truncated = True
 
-    def _check_layer(self, rec: LayerRecord, lineno: int, n_layers: int, n_experts: int, top_k: int, fields: Any) -> None:
+    def _check_layer(
+        self, rec: LayerRecord, lineno: int, n_layers: int, n_experts: int, top_k: int, fields: list[str]
+    ) -> None:
         if rec.layer >= n_layers:
             raise TraceError(self.path, lineno, "layer", f"{rec.layer} out of range: the model has {n_layers} MoE layers")
         for i, row in enumerate(rec.topk):
@@ -224,8 +250,8 @@ class TraceReader:
                     for e in row:
                         if e >= n_experts:
                             raise TraceError(self.path, lineno, f"lookahead.{key}", f"expert id {e} out of range")
-        for name in ("probs", "lookahead", "importance", "measured"):
-            if getattr(fields, name) and getattr(rec, name) is None:
+        for name in fields:
+            if getattr(rec, name) is None:
                 raise TraceError(self.path, lineno, name, "missing, though the header's fields say every record has it")
 
     def layer_records(self) -> Iterator[LayerRecord]:
@@ -236,6 +262,13 @@ class TraceReader:
 
 def read_header(path: str | os.PathLike[str]) -> Header:
     return TraceReader(path).header
+
+
+def _umask() -> int:
+    """The process umask: os can only read it by setting it, so set it back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class TraceWriter:
@@ -279,6 +312,8 @@ class TraceWriter:
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
+        # mkstemp made the file 0600; give it the mode a plain open() would, so others can read the trace
+        os.chmod(self._tmp, 0o666 & ~_umask())
         os.replace(self._tmp, self.path)
         self._closed = True
 
