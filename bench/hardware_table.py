@@ -3,10 +3,14 @@
     python bench/hardware_table.py [--model mixtral-8x7b] [--dtype bf16] [--section presets|defaults]
 
 Table 1 lists each preset's datasheet figures and the modelled link rate; table 2 the efficiency
-factors and overheads the roofline applies to them; table 3 what the cost model makes of them for one expert of the given model (default Mixtral-8x7B in bf16): the transfer time of
-one expert, the GPU time of one expert for one token, and how many experts fit in the HBM left for the
-cache (`HardwareProfile.expert_budget_bytes // expert_bytes`); then every preset's `references`.
+factors and overheads the roofline applies to them; table 3 what the cost model makes of them for
+the given model (default Mixtral-8x7B in bf16): the transfer time of one expert, the GPU time of one
+expert for one token, and how many experts fit in the HBM left for the cache
+(`HardwareProfile.expert_budget_bytes // expert_bytes`); then every preset's `references`.
 `--section defaults` prints instead the default of every optional field of the profile format.
+
+Units: memory sizes (HBM, reserve, expert and dense weights) in GiB (2**30 bytes, `sim.hardware.GIB`,
+what vendors call GB); bandwidths in decimal GB/s (1e9 bytes per second).
 """
 
 from __future__ import annotations
@@ -20,7 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pydantic import BaseModel  # noqa: E402
 from pydantic_core import PydanticUndefined  # noqa: E402
 
-from sim.hardware import GB, Cost, CPUProfile, GPUProfile, HardwareProfile, LinkProfile, load_profile, presets  # noqa: E402
+from sim.hardware import (  # noqa: E402
+    GIB,
+    Cost,
+    CPUProfile,
+    GPUProfile,
+    HardwareProfile,
+    LinkProfile,
+    load_profile,
+    presets,
+)
 from traces.models import model_preset  # noqa: E402
 
 
@@ -98,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     total = model.num_experts * model.num_moe_layers
     print(
         f"\nTable 3: {model.name} ({model.dtype}): one expert = {model.expert_bytes:,} bytes "
-        f"({model.expert_bytes / GB:.4f} GB); dense weights = {model.dense_bytes:,} bytes "
-        f"({model.dense_bytes / GB:.3f} GB); {model.num_moe_layers} MoE layers x {model.num_experts} experts "
+        f"({model.expert_bytes / GIB:.4f} GiB); dense weights = {model.dense_bytes:,} bytes "
+        f"({model.dense_bytes / GIB:.3f} GiB); {model.num_moe_layers} MoE layers x {model.num_experts} experts "
         f"= {total} experts\n"
     )
     mx_rows = []
@@ -113,13 +126,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{costs.gpu_expert_s(1) * 1e3:.3f}",
             f"{costs.transfer_s() / costs.gpu_expert_s(1):.0f}x",
             _g(p.gpu.reserve_gib),
-            f"{budget / GB:.2f}",
+            f"{budget / GIB:.2f}",
             str(fit),
             f"{fit / total:.0%}",
         ])
     print(_table(
         ["preset", "transfer of one expert, ms", "GPU time of one expert, 1 token, ms", "transfer / GPU time",
-         "reserve GiB", "HBM left for the cache GB", "experts that fit", "of all experts"],
+         "reserve GiB", "HBM left for the cache GiB", "experts that fit", "of all experts"],
         mx_rows, right={1, 2, 3, 4, 5, 6, 7},
     ))
 

@@ -9,7 +9,7 @@ shadowing it, and the two engines cannot drift apart.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 from policies.request import Key
@@ -93,20 +93,21 @@ class ExpertCache:
     # -- changing (engines only, while applying a plan) ---------------------------------------------
     def apply_load(self, key: Key, victim: Key | None, variant: str = "full", prefetch: bool = False) -> bool:
         """Put `key` in a slot, evicting `victim` first. Returns True if the victim was an unused prefetch."""
-        if key in self.resident:
+        resident = self.resident
+        if key in resident:
             raise CacheError(f"plan loads {key}, which is already resident")
-        part = self.part(key)
+        part = 0 if self._global else key[0]
         wasted = False
         if victim is not None:
-            if victim not in self.resident:
+            if victim not in resident:
                 raise CacheError(f"plan evicts {victim}, which is not resident")
-            if self.part(victim) != part:
+            if (0 if self._global else victim[0]) != part:
                 raise CacheError(f"plan evicts {victim} to make room for {key} in another partition")
             wasted = self.evict(victim)
         if self.free[part] <= 0:
             raise CacheError(f"plan loads {key} into a full partition without evicting anything")
         self.free[part] -= 1
-        self.resident[key] = variant
+        resident[key] = variant
         self.inflight.add(key)
         self.inserted[part][key] = None
         self.recency[part][key] = None
@@ -115,7 +116,7 @@ class ExpertCache:
         return wasted
 
     def evict(self, key: Key) -> bool:
-        part = self.part(key)
+        part = 0 if self._global else key[0]
         del self.resident[key]
         self.inflight.discard(key)
         del self.inserted[part][key]
@@ -129,10 +130,12 @@ class ExpertCache:
     def complete(self, key: Key) -> None:
         self.inflight.discard(key)
 
-    def touch(self, key: Key) -> None:
-        """Record one access (the engine calls it in the call's access order)."""
-        self.uses[key] = self.uses.get(key, 0) + 1
-        if key in self.resident:
-            self.recency[0 if self._global else key[0]].move_to_end(key)
-            if self.prefetched_unused:
-                self.prefetched_unused.discard(key)
+    def touch(self, keys: Iterable[Key]) -> None:
+        """Record one access of each key, in the given order (the engines pass a call's access order)."""
+        uses, resident, recency, glob = self.uses, self.resident, self.recency, self._global
+        for key in keys:
+            uses[key] = uses.get(key, 0) + 1
+            if key in resident:
+                recency[0 if glob else key[0]].move_to_end(key)
+        if self.prefetched_unused:
+            self.prefetched_unused.difference_update(keys)

@@ -121,11 +121,9 @@ def apply_plan(cache: ExpertCache, req: LayerRequest, plan: LayerPlan, counters:
         if cache.apply_load(ld.key, ld.victim, ld.variant, prefetch=True):
             counters.wasted_prefetches += 1
         counters.bytes_h2d += variant_bytes[ld.variant]
-    touch = cache.touch
-    for key in plan.execute:
-        touch(key)
-    for key in plan.cpu:
-        touch(key)
+    cache.touch(plan.execute)
+    if plan.cpu:
+        cache.touch(plan.cpu)
     counters.layer_calls += 1
     counters.accesses += accesses
     counters.hits += hits

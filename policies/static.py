@@ -61,8 +61,6 @@ class Static(DemandPolicy):
 
 
 def _count_trace(path: str, model) -> dict[Key, int]:  # type: ignore[no-untyped-def]
-    import numpy as np
-
     from policies.request import LayerRequest  # local: keeps the import graph flat
     from traces.io import TraceReader
 
@@ -75,7 +73,7 @@ def _count_trace(path: str, model) -> dict[Key, int]:  # type: ignore[no-untyped
         )
     counts: dict[Key, int] = {}
     for rec in reader.layer_records():
-        req = LayerRequest(rec.step, rec.phase, rec.layer, np.asarray(rec.topk), np.asarray(rec.weights, dtype=np.float64))
+        req = LayerRequest(rec.step, rec.phase, rec.layer, rec.topk, rec.weights)
         for k in req.keys_in_access_order():
             counts[k] = counts.get(k, 0) + 1
     return counts

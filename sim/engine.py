@@ -21,9 +21,9 @@ import heapq
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-import numpy as np
 import simpy
 
 from policies import Counters, ExpertCache, Future, Key, LayerPlan, LayerRequest, Policy, apply_plan
@@ -34,16 +34,16 @@ URGENT, PREFETCH = 0, 1
 
 
 def request_from_record(rec: LayerRecord) -> LayerRequest:
-    """The policy's view of one trace record (float64 weights, as the runtime builds them)."""
+    """The policy's view of one trace record; the rows become numpy arrays if a policy asks."""
     return LayerRequest(
-        step=rec.step,
-        phase=rec.phase,
-        layer=rec.layer,
-        topk=np.asarray(rec.topk, dtype=np.int64),
-        weights=np.asarray(rec.weights, dtype=np.float64),
-        probs=None if rec.probs is None else np.asarray(rec.probs, dtype=np.float64),
-        lookahead=None if rec.lookahead is None else {int(k): np.asarray(v, dtype=np.int64) for k, v in rec.lookahead.items()},
-        importance=None if rec.importance is None else np.asarray(rec.importance, dtype=np.float64),
+        rec.step,
+        rec.phase,
+        rec.layer,
+        rec.topk,
+        rec.weights,
+        rec.probs,
+        None if rec.lookahead is None else {int(k): v for k, v in rec.lookahead.items()},
+        rec.importance,
     )
 
 
@@ -226,9 +226,9 @@ class Simulation:
         duration = self.costs.h2d_latency_s + tr.nbytes / self.costs.h2d_bytes_per_s
         tr.end = start + duration
         tr.copy = env.timeout(tr.end - env.now)
-        tr.copy.callbacks.append(lambda _: self._h2d_finish(tr, lane, start))
+        tr.copy.callbacks.append(partial(self._h2d_finish, tr, lane, start))
 
-    def _h2d_finish(self, tr: _Transfer, lane: int, start: float) -> None:
+    def _h2d_finish(self, tr: _Transfer, lane: int, start: float, _: simpy.Event) -> None:
         now = self.env.now
         self.link_busy_s += now - start
         if self.timeline is not None:
@@ -259,8 +259,12 @@ class Simulation:
                         wait.append(rel)
                 tr = _Transfer(ld.key, sizes[ld.variant], wait, step, prio == URGENT)
                 loading[ld.key] = tr
-                heapq.heappush(self.h2d_queue, (prio, next(self._seq), tr))
-                self._h2d_start(at)
+                if not wait and not self.h2d_queue and self._h2d_free:  # an idle engine takes it at once
+                    self._h2d_free.sort()
+                    self._h2d_begin(tr, self._h2d_free.pop(0), at)
+                else:
+                    heapq.heappush(self.h2d_queue, (prio, next(self._seq), tr))
+                    self._h2d_start(at)
                 if prio == URGENT:
                     urgent.append(tr)
         return urgent
