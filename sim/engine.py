@@ -77,13 +77,19 @@ class Interval:
 
 @dataclass
 class Timeline:
-    """Intervals of the first `max_steps` steps, for the Gantt chart; nothing is kept past them."""
+    """Intervals of steps `first_step` .. `first_step + max_steps - 1`, for the Gantt chart; nothing
+    else is kept (a cold cache makes the first steps all copies, so a user may look further on)."""
 
     max_steps: int = 4
+    first_step: int = 0
     intervals: list[Interval] = field(default_factory=list)
+    steps: list[tuple[int, float, float]] = field(default_factory=list)  # (step, start, end)
+
+    def wants(self, step: int) -> bool:
+        return self.first_step <= step < self.first_step + self.max_steps
 
     def add(self, lane: str, start: float, end: float, label: str, step: int) -> None:
-        if step < self.max_steps and end > start:
+        if end > start and self.first_step <= step < self.first_step + self.max_steps:
             self.intervals.append(Interval(lane, start, end, label, step))
 
 
@@ -345,8 +351,12 @@ class Simulation:
                             w0 = env.now
                             yield tr.event(env)
                             self.stall_s += env.now - w0
+                            if tl is not None:
+                                tl.add("gpu", w0, env.now, f"stall for L{key[0]}E{key[1]}", step)
                     if tr.end is not None and tr.end > env.now + t:  # it lands at a known time
                         self.stall_s += tr.end - (env.now + t)
+                        if tl is not None:
+                            tl.add("gpu", env.now + t, tr.end, f"stall for L{key[0]}E{key[1]}", step)
                         t = tr.end - env.now
                 d = expert_s(counts[key[1]])
                 if tl is not None:
@@ -373,6 +383,8 @@ class Simulation:
 
     def _end_step(self, step: int, phase: str, start: float, end: float) -> None:
         self.steps.append(StepTime(step, phase, start, end))
+        if self.timeline is not None and self.timeline.wants(step):
+            self.timeline.steps.append((step, start, end))
         self.policy.observe(step)
 
     def run(self, records: Iterable[LayerRecord | StepRecord]) -> SimResult:

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from policies import CacheError, PolicySpecError, available, make_policy
 from sim.config import GB, CacheConfig
 from sim.engine import SimResult, Simulation, Timeline, future_of
 from sim.hardware import HardwareError, HardwareProfile, load_profile, presets
-from traces.io import Record, TraceError, TraceReader
+from traces.io import Record, TraceError, TraceReader, write_text_atomic
 
 TOOL = "moe-offload-lab 0.1.0"
 DEFAULT_HARDWARE = "rtx4090"
@@ -151,18 +150,6 @@ def summary(res: ReplayResult) -> str:
     return "\n".join(f"{k:<{width}}  {v}" if k else "" for k, v in rows)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m sim.replay", description="Replay an MoE routing trace under an offloading policy.")
     p.add_argument("trace", help="trace file (.jsonl or .jsonl.gz)")
@@ -176,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write config + metrics as JSON")
     p.add_argument("--timeline", type=Path, help="write a Gantt chart of the compute and copy streams (HTML)")
     p.add_argument("--timeline-steps", type=int, default=4, metavar="S", help="steps drawn in the timeline (default 4)")
+    p.add_argument("--timeline-from", type=int, default=0, metavar="STEP", help="first step drawn (default 0)")
     p.add_argument("--allow-truncated", action="store_true", help="replay a trace that has no footer")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -196,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{prog}: error: {flag + ': ' if flag else ''}{msg}", file=sys.stderr)
         return 2
-    if args.timeline_steps < 1:
-        print(f"{prog}: error: --timeline-steps must be at least 1", file=sys.stderr)
+    if args.timeline_steps < 1 or args.timeline_from < 0:
+        print(f"{prog}: error: --timeline-steps must be at least 1 and --timeline-from at least 0", file=sys.stderr)
         return 2
-    timeline = Timeline(args.timeline_steps) if args.timeline else None
+    timeline = Timeline(args.timeline_steps, args.timeline_from) if args.timeline else None
     try:
         res = replay(
             args.trace, args.policy, cache, args.hardware, allow_truncated=args.allow_truncated, timeline=timeline,
@@ -213,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(res))
     try:
         if args.out:
-            write_atomic(args.out, res.to_json())
+            write_text_atomic(args.out, res.to_json())
             print(f"\nwrote {args.out}")
         if timeline is not None:
             from sim.timeline import write_timeline

@@ -7,8 +7,9 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from sim.engine import Timeline
+from traces.io import write_text_atomic
 
-_COLOURS = {"dense": "#8c8c8c", "expert": "#1f77b4", "load": "#d62728", "prefetch": "#2ca02c"}
+_COLOURS = {"dense": "#8c8c8c", "expert": "#1f77b4", "stall": "#f7b6b6", "load": "#d62728", "prefetch": "#2ca02c"}
 
 
 def figure(tl: Timeline, title: str = "timeline") -> go.Figure:
@@ -29,7 +30,13 @@ def figure(tl: Timeline, title: str = "timeline") -> go.Figure:
                 customdata=[[iv.step, iv.start * 1e3, iv.end * 1e3] for iv in ivs],
                 hovertemplate="%{text}<br>step %{customdata[0]}<br>%{customdata[1]:.3f}-%{customdata[2]:.3f} ms<extra></extra>",
                 textposition="none",
+                marker_line_width=0,
             )
+        )
+    for step, start, end in tl.steps:  # step boundaries, labelled
+        fig.add_vrect(
+            x0=start * 1e3, x1=end * 1e3, line_width=1, line_dash="dot", line_color="#555", fillcolor="rgba(0,0,0,0)",
+            annotation_text=f"step {step}", annotation_position="top left", annotation_font_size=10,
         )
     lanes = sorted({iv.lane for iv in tl.intervals}, key=lambda s: (s != "gpu", s))
     fig.update_layout(
@@ -45,6 +52,4 @@ def figure(tl: Timeline, title: str = "timeline") -> go.Figure:
 
 def write_timeline(tl: Timeline, path: Path, title: str = "timeline") -> None:
     """A self-contained HTML file (plotly.js inlined: opens without a network)."""
-    from sim.replay import write_atomic
-
-    write_atomic(path, figure(tl, title).to_html(include_plotlyjs=True, full_html=True))
+    write_text_atomic(path, figure(tl, title).to_html(include_plotlyjs=True, full_html=True))

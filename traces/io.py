@@ -281,6 +281,24 @@ def _umask() -> int:
     return mask
 
 
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write a whole text file through a temporary file beside it and a rename: a reader sees the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class TraceWriter:
     """Write a trace atomically: records go to a temporary file beside the target, which replaces the
     target only when `close()` has written the footer. An exception inside the `with` block leaves any
