@@ -90,7 +90,8 @@ class Policy:
 
     # -- shared planning helpers --------------------------------------------------------------------
     def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
-        """This policy's eviction choice among the partition's ready keys outside `exclude`."""
+        """This policy's eviction choice among the partition's resident keys outside `exclude`
+        (never based on whether a copy is still in flight: that is timing)."""
         raise NotImplementedError
 
     def make_room(
@@ -99,10 +100,13 @@ class Policy:
         """Loads for `keys` (in order), each with a free slot or a victim.
 
         Victims come from this policy's `victim` among keys the current call does not use
-        (`protect`); failing that, from keys still loading (the oldest first: a wasted prefetch);
-        failing that, and only when `force`, from keys this call uses that run *before* the load in
-        execution order (`runs_before` plus earlier loads), so a call that needs more experts than the
-        cache holds streams them through the slots instead of deadlocking.
+        (`protect`); failing that, and only when `force`, from keys this call uses that run *before*
+        the load in execution order (`runs_before` plus earlier loads), so a call that needs more
+        experts than the cache holds streams them through the slots instead of deadlocking.
+
+        Whether a copy is still in flight is timing, which differs between the simulator and the
+        runtime; so no choice here looks at it (evicting a key in flight is allowed: the engine's copy
+        into its slot waits for the copy out of it), and both engines decide the same.
         """
         loads: list[Load] = []
         free: dict[int, int] = {}
@@ -122,8 +126,6 @@ class Policy:
             if taken is None:
                 taken = set(protect)
             victim = self.victim(cache, part, taken)
-            if victim is None:
-                victim = next((k for k in cache.oldest(part) if k in cache.inflight and k not in taken), None)
             if victim is None and force:
                 # every slot holds an expert this call uses: reuse the slot of one that runs earlier
                 earlier = [*runs_before, *(ld.key for ld in loads)]

@@ -47,11 +47,11 @@ class Belady(DemandPolicy):
         return plan
 
     def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
-        inflight, nxt = cache.inflight, self.next_use
+        nxt = self.next_use
         best: Key | None = None
         best_t = -1.0
         for k in cache.least_recent(part):
-            if k in exclude or k in inflight:
+            if k in exclude:
                 continue
             q = nxt.get(k)
             when = q[0] if q else _NEVER

@@ -12,8 +12,7 @@ class FIFO(DemandPolicy):
     """Evict the expert loaded earliest, however often it was used since."""
 
     def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
-        inflight = cache.inflight
         for k in cache.oldest(part):
-            if k not in exclude and k not in inflight:
+            if k not in exclude:
                 return k
         return None

@@ -50,11 +50,11 @@ class LFU(DemandPolicy):
         return plan
 
     def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
-        inflight, score = cache.inflight, self.score
+        score = self.score
         best: Key | None = None
         best_score = 0.0
         for k in cache.least_recent(part):
-            if k in exclude or k in inflight:
+            if k in exclude:
                 continue
             s = score.get(k, 0.0)
             if best is None or s < best_score:

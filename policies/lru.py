@@ -12,8 +12,7 @@ class LRU(DemandPolicy):
     """Evict the expert used longest ago; recency inside a call follows the access order."""
 
     def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
-        inflight = cache.inflight
         for k in cache.least_recent(part):
-            if k not in exclude and k not in inflight:
+            if k not in exclude:
                 return k
         return None

@@ -26,8 +26,7 @@ class Random(DemandPolicy):
         self.rng = np.random.default_rng(self.params.seed)  # type: ignore[attr-defined]
 
     def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
-        inflight = cache.inflight
-        candidates = [k for k in cache.oldest(part) if k not in exclude and k not in inflight]
+        candidates = [k for k in cache.oldest(part) if k not in exclude]
         if not candidates:
             return None
         return candidates[int(self.rng.integers(len(candidates)))]

@@ -49,10 +49,10 @@ class Static(DemandPolicy):
             self.pinned.update(keys[:room])
 
     def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
-        inflight, pinned = cache.inflight, self.pinned
+        pinned = self.pinned
         fallback: Key | None = None
         for k in cache.least_recent(part):
-            if k not in exclude and k not in inflight:
+            if k not in exclude:
                 if k not in pinned:
                     return k
                 if fallback is None:
