@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from policies import CacheError, ExpertCache
 from traces.schema import ModelSpec
 
-GB = 1e9
+GIB = 2**30  # cache sizes are memory sizes: binary, what vendors call GB
 
 
 class CacheConfig(BaseModel):
@@ -19,7 +19,7 @@ class CacheConfig(BaseModel):
 
     experts: int | None = Field(None, ge=1)
     per_layer: int | None = Field(None, ge=1)
-    gb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    gb: float | None = Field(None, gt=0, allow_inf_nan=False, description="GiB (2**30 bytes)")
     partition: Literal["global", "per_layer"] | None = None
 
     @model_validator(mode="after")
@@ -43,7 +43,7 @@ class CacheConfig(BaseModel):
         if self.per_layer is not None:
             return self.per_layer * model.num_moe_layers
         assert self.gb is not None
-        return int(self.gb * GB // model.expert_bytes)
+        return int(self.gb * GIB // model.expert_bytes)
 
     def build(self, model: ModelSpec) -> ExpertCache:
         """The empty cache, refusing sizes that cannot hold one token's experts."""
@@ -51,7 +51,7 @@ class CacheConfig(BaseModel):
         part = self.resolved_partition
         if slots < 1:
             raise CacheError(
-                f"a cache of {self.gb} GB holds no {model.name} expert ({model.expert_bytes / GB:.3f} GB each)"
+                f"a cache of {self.gb} GiB holds no {model.name} expert ({model.expert_bytes / GIB:.3f} GiB each)"
             )
         cache = ExpertCache(slots, model.num_moe_layers, part)  # type: ignore[arg-type]
         if cache.min_capacity() < model.top_k:
@@ -64,9 +64,9 @@ class CacheConfig(BaseModel):
 
     def describe(self, model: ModelSpec) -> str:
         slots = self.slots(model)
-        gb = slots * model.expert_bytes / GB
+        gib = slots * model.expert_bytes / GIB
         if self.resolved_partition == "per_layer":
             per = slots / model.num_moe_layers
             per_s = f"{per:g}" if per == int(per) else f"{per:.2f} (uneven)"
-            return f"{slots} experts ({gb:.2f} GB), per layer: {per_s}"
-        return f"{slots} experts ({gb:.2f} GB), global"
+            return f"{slots} experts ({gib:.2f} GiB), per layer: {per_s}"
+        return f"{slots} experts ({gib:.2f} GiB), global"

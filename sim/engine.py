@@ -11,8 +11,10 @@ Hardware is modelled as SimPy processes and resources named for what they are:
   uses it.
 - `cpu`: a resource for experts the plan runs on the host (Fiddler-style).
 
-The policy sees the cache at plan time; `policies.apply_plan` changes the cache and the counters, so
-hit counts do not depend on timing and equal the runtime's.
+The policy sees the cache at plan time (after the layer's dense part: the router decides then);
+`policies.apply_plan` changes the cache and the counters, so hits + in-flight hits, misses and bytes
+do not depend on timing and equal the runtime's. Only the split between `hits` and `inflight_hits`
+(a prefetch still copying when it is used) is timing.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class SimResult:
     steps: list[StepTime]
     makespan_s: float
     stall_s: float
+    cpu_wait_s: float
     gpu_busy_s: float
     link_busy_s: float
     copy_engines: int
@@ -164,6 +167,7 @@ class SimResult:
             "cpu_experts": c.cpu_experts,
             "bytes_h2d": c.bytes_h2d,
             "stall_s": self.stall_s,
+            "cpu_wait_s": self.cpu_wait_s,
             "ttft_s": sum(runs) / len(runs) if runs else None,
             "tpot_s": sum(s.end - s.start for s in decode) / len(decode) if decode else None,
             "total_s": self.makespan_s,
@@ -198,7 +202,8 @@ class Simulation:
         self.loading: dict[Key, _Transfer] = {}  # keys whose copy is queued or running
         self._seq = itertools.count()
         self.steps: list[StepTime] = []
-        self.stall_s = 0.0
+        self.stall_s = 0.0  # the GPU waiting for copies
+        self.cpu_wait_s = 0.0  # the GPU waiting for experts run on the CPU
         self.gpu_busy_s = 0.0
         self.link_busy_s = 0.0
         self.nonmoe_layers = model.num_layers - model.num_moe_layers
@@ -311,6 +316,12 @@ class Simulation:
                         tl.add("gpu", env.now + t, env.now + t + d, "dense layers", step)
                     t += d
                     self.gpu_busy_s += d
+            # the dense part (attention, router) first: the router's choice exists only after it
+            d = dense_s(rec.tokens)
+            if tl is not None:
+                tl.add("gpu", env.now + t, env.now + t + d, f"dense L{rec.layer}", step)
+            t += d
+            self.gpu_busy_s += d
             if loading and t > 0:  # copies landing meanwhile change what the policy sees
                 yield env.timeout(t)
                 t = 0.0
@@ -334,12 +345,7 @@ class Simulation:
             cpu_proc = None
             if plan.cpu:
                 cpu_proc = env.process(self._cpu_experts([costs.cpu_expert_s(counts[k[1]]) for k in plan.cpu]))
-            # the dense part, then the experts in execution order, each once its weights are in
-            d = dense_s(rec.tokens)
-            if tl is not None:
-                tl.add("gpu", env.now + t, env.now + t + d, f"dense L{rec.layer}", step)
-            t += d
-            self.gpu_busy_s += d
+            # then the GPU experts in execution order, each once its weights are in
             for key in plan.order:
                 tr = waits.get(key)
                 if tr is not None:
@@ -375,7 +381,7 @@ class Simulation:
                 if not cpu_proc.processed:
                     w0 = env.now
                     yield cpu_proc
-                    self.stall_s += env.now - w0
+                    self.cpu_wait_s += env.now - w0
         if t > 0:
             yield env.timeout(t)
         if step >= 0:
@@ -392,4 +398,4 @@ class Simulation:
         self.env.run(until=driver)
         end = self.env.now
         # prefetches still queued or copying after the last compute do not delay any step
-        return SimResult(self.counters, self.steps, end, self.stall_s, self.gpu_busy_s, min(self.link_busy_s, end * self.copy_engines), self.copy_engines)
+        return SimResult(self.counters, self.steps, end, self.stall_s, self.cpu_wait_s, self.gpu_busy_s, min(self.link_busy_s, end * self.copy_engines), self.copy_engines)

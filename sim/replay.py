@@ -23,9 +23,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from policies import CacheError, PolicySpecError, available, make_policy
-from sim.config import GB, CacheConfig
+from sim.config import GIB, CacheConfig
 from sim.engine import SimResult, Simulation, Timeline, future_of
-from sim.hardware import HardwareError, HardwareProfile, load_profile, presets
+from sim.hardware import GB, HardwareError, HardwareProfile, load_profile, presets
 from traces.io import Record, TraceError, TraceReader, write_text_atomic
 
 TOOL = "moe-offload-lab 0.1.0"
@@ -80,8 +80,8 @@ def replay(
     cache_bytes = ca.capacity * model.expert_bytes
     if cache_bytes > budget:
         notes.append(
-            f"the cache ({cache_bytes / GB:.1f} GB) exceeds what {profile.name} has left for experts "
-            f"({max(budget, 0) / GB:.1f} GB after {model.dense_bytes / GB:.1f} GB dense weights and "
+            f"the cache ({cache_bytes / GIB:.1f} GiB) exceeds what {profile.name} has left for experts "
+            f"({max(budget, 0) / GIB:.1f} GiB after {model.dense_bytes / GIB:.1f} GiB dense weights and "
             f"{profile.gpu.reserve_gib:g} GiB reserve); timings assume it fits"
         )
     future = future_of(TraceReader(path, allow_truncated=allow_truncated)) if pol.wants_future() else None
@@ -131,7 +131,7 @@ def summary(res: ReplayResult) -> str:
     rows = [
         ("trace", f"{c['trace']['path']} ({model['name']}, {m['steps']} steps, {m['layer_calls']} layer calls)"),
         ("policy", c["policy"]),
-        ("cache", f"{c['cache']['slots']} slots, {c['cache']['partition']} ({c['cache']['bytes'] / GB:.2f} GB)"),
+        ("cache", f"{c['cache']['slots']} slots, {c['cache']['partition']} ({c['cache']['bytes'] / GIB:.2f} GiB)"),
         ("hardware", f"{res.profile.name} ({res.profile.source}: {res.profile.gpu.name}, "
                      f"{res.profile.link.h2d_gbps:g} GB/s H2D)"),
         ("", ""),
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     size = p.add_argument_group("cache size (exactly one)")
     size.add_argument("--cache-experts", type=int, metavar="N", help="total expert slots")
     size.add_argument("--cache-per-layer", type=int, metavar="K", help="K slots in every MoE layer (per_layer partition)")
-    size.add_argument("--cache-gb", type=float, metavar="X", help="slots that fit in X GB")
+    size.add_argument("--cache-gb", type=float, metavar="X", help="slots that fit in X GiB (2^30 bytes, what vendors call GB)")
     p.add_argument("--partition", choices=["global", "per_layer"], help="share slots across layers (default) or split them")
     p.add_argument("--hardware", default=DEFAULT_HARDWARE, help=f"preset ({', '.join(presets())}) or profile .json")
     p.add_argument("--out", type=Path, help="write config + metrics as JSON")

@@ -234,7 +234,7 @@ def per_layer_with_global(tmp: Path, t: Path):
 
 
 def cache_gb_too_small(tmp: Path, t: Path):
-    return [t, "--cache-gb", "0.0001"], ["0.0001 GB", "toy"]
+    return [t, "--cache-gb", "0.0001"], ["0.0001 GiB", "toy"]
 
 
 def cache_zero(tmp: Path, t: Path):

@@ -132,7 +132,7 @@ class TraceReader:
         h = self.header.model
         n_layers, n_experts, top_k = h.num_moe_layers, h.num_experts, h.top_k
         flags = self.header.fields
-        fields = [n for n in ("probs", "lookahead", "importance", "measured") if getattr(flags, n)]
+        fields = [n for n in ("probs", "lookahead", "importance", "measured", "plan") if getattr(flags, n)]
         layer_records = 0
         steps_seen: set[int] = set()
         last_step = -1
@@ -256,7 +256,9 @@ class TraceReader:
                         self.path, lineno, f"lookahead.{key}",
                         f"predicts layer {target}, which is not after layer {rec.layer} and below {n_layers}",
                     )
-                for row in rows:
+                for i, row in enumerate(rows):
+                    if len(row) != top_k:
+                        raise TraceError(self.path, lineno, f"lookahead.{key}.{i}", f"has {len(row)} experts, the model's top_k is {top_k}")
                     for e in row:
                         if e >= n_experts:
                             raise TraceError(self.path, lineno, f"lookahead.{key}", f"expert id {e} out of range")
