@@ -1,0 +1,520 @@
+"""Offloaded execution of a Hugging Face MoE model: experts in CPU memory, a slot cache on the device.
+
+Installed through transformers' experts registry (`ALL_EXPERTS_FUNCTIONS` + `set_experts_implementation`),
+which every modern MoE class dispatches through; no model class is copied or patched. At every MoE
+layer call the session asks the policy for a plan, applies it with `policies.apply_plan` (the same
+counting as the simulator), moves the weights over the link, and computes the experts exactly as
+transformers' eager path does, so a lossless policy changes no bit of the output on the CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from policies import (
+    CostModel,
+    Counters,
+    ExpertCache,
+    Future,
+    Key,
+    LayerPlan,
+    LayerRequest,
+    Policy,
+    apply_plan,
+    make_policy,
+)
+from policies.costs import ComputeCost
+from runtime.links import Copy, CudaLink, EmulatedLink, LinkSpec, make_link, parse_link
+from traces.schema import ModelSpec
+
+IMPLEMENTATION = "moe_offload_lab"
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+class OffloadError(ValueError):
+    """A model or setting the runtime cannot offload; the message is one line."""
+
+
+# -- finding the MoE layers --------------------------------------------------------------------------
+@dataclass
+class MoELayer:
+    index: int  # index into moe_layers
+    decoder_layer: int
+    name: str
+    experts: nn.Module
+    router: nn.Module | None
+
+
+def _is_experts(m: nn.Module) -> bool:
+    """Modules whose class `use_experts_implementation` decorated: they dispatch through the registry."""
+    return all(hasattr(m, a) for a in ("has_gate", "is_transposed", "num_experts", "down_proj"))
+
+
+def find_moe_layers(model: nn.Module) -> list[MoELayer]:
+    layers: list[MoELayer] = []
+    for name, m in model.named_modules():
+        if not _is_experts(m):
+            continue
+        parts = name.split(".")
+        if "layers" not in parts:
+            raise OffloadError(f"cannot tell which decoder layer the experts module {name!r} belongs to")
+        decoder_layer = int(parts[parts.index("layers") + 1])
+        parent = model.get_submodule(".".join(parts[:-1]))
+        router = next((getattr(parent, a) for a in ("gate", "router") if isinstance(getattr(parent, a, None), nn.Module)), None)
+        layers.append(MoELayer(len(layers), decoder_layer, name, m, router))
+    return layers
+
+
+def _expert_parts(experts: nn.Module) -> list[str]:
+    names = ["gate_up_proj" if experts.has_gate else "up_proj", "down_proj"]
+    if experts.has_bias:
+        names += [("gate_up_proj" if experts.has_gate else "up_proj") + "_bias", "down_proj_bias"]
+    return names
+
+
+def model_spec(model: nn.Module, layers: list[MoELayer] | None = None, name: str | None = None) -> ModelSpec:
+    """The trace header's model block, read off a loaded model."""
+    layers = layers if layers is not None else find_moe_layers(model)
+    if not layers:
+        raise OffloadError(
+            f"{type(model).__name__} has no MoE layer that dispatches through transformers' experts registry: nothing to offload"
+        )
+    cfg = model.config
+    ex = layers[0].experts
+    down = ex.down_proj
+    inter = int(down.shape[1] if ex.is_transposed else down.shape[2])
+    dtype = next(iter(ex.parameters())).dtype
+    expert_bytes = sum(getattr(ex, p)[0].numel() * getattr(ex, p).element_size() for p in _expert_parts(ex))
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    top_k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "top_k", None) or getattr(cfg, "moe_topk", None)
+    if not top_k:
+        raise OffloadError("cannot read top_k (num_experts_per_tok) from the model config")
+    shared = getattr(cfg, "n_shared_experts", None) or getattr(cfg, "num_shared_experts", None) or 0
+    if not shared and getattr(cfg, "shared_expert_intermediate_size", 0):
+        shared = 1
+    return ModelSpec(
+        name=name or getattr(cfg, "name_or_path", "") or cfg.model_type,
+        arch=cfg.model_type,
+        num_layers=cfg.num_hidden_layers,
+        moe_layers=[ly.decoder_layer for ly in layers],
+        num_experts=int(ex.num_experts),
+        top_k=int(top_k),
+        num_shared_experts=int(shared),
+        hidden_size=cfg.hidden_size,
+        moe_intermediate_size=inter,
+        dtype=_DTYPES.get(dtype, str(dtype).removeprefix("torch.")),
+        expert_bytes=expert_bytes,
+        dense_bytes=total - expert_bytes * ex.num_experts * len(layers),
+    )
+
+
+# -- the two tiers -----------------------------------------------------------------------------------
+class ExpertStore:
+    """The slow tier: every routed expert's weights in one contiguous CPU buffer (pinned for CUDA)."""
+
+    def __init__(self, layers: list[MoELayer], pin: bool):
+        ex = layers[0].experts
+        self.parts = _expert_parts(ex)
+        self.shapes = [tuple(getattr(ex, p).shape[1:]) for p in self.parts]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.numel = sum(self.sizes)
+        self.dtype = getattr(ex, self.parts[0]).dtype
+        self.buffers: dict[Key, torch.Tensor] = {}
+        for ly in layers:
+            if [tuple(getattr(ly.experts, p).shape[1:]) for p in self.parts] != self.shapes:
+                raise OffloadError(f"experts of {ly.name} differ in shape from the first MoE layer's: slots must be uniform")
+            tensors = [getattr(ly.experts, p).detach() for p in self.parts]
+            for e in range(int(ly.experts.num_experts)):
+                buf = torch.empty(self.numel, dtype=self.dtype, pin_memory=pin)
+                off = 0
+                for t, n in zip(tensors, self.sizes, strict=True):
+                    buf[off : off + n].copy_(t[e].reshape(-1))
+                    off += n
+                self.buffers[(ly.index, e)] = buf
+
+    def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        out, off = [], 0
+        for shape, n in zip(self.shapes, self.sizes, strict=True):
+            out.append(buf[off : off + n].view(shape))
+            off += n
+        return out
+
+
+class SlotPool:
+    """The fast tier: `capacity` expert slots allocated once on the device."""
+
+    def __init__(self, capacity: int, store: ExpertStore, device: torch.device):
+        self.buf = torch.empty(capacity, store.numel, dtype=store.dtype, device=device)
+        self.views = [store.views(self.buf[i]) for i in range(capacity)]
+        self.free = list(range(capacity - 1, -1, -1))
+        self.slot_of: dict[Key, int] = {}
+        self.last_reader: dict[int, Any] = {}  # slot -> CUDA event after the last compute that read it
+
+    def assign(self, key: Key, victim: Key | None) -> int:
+        slot = self.slot_of.pop(victim) if victim is not None else self.free.pop()
+        self.slot_of[key] = slot
+        return slot
+
+
+# -- the session -------------------------------------------------------------------------------------
+@dataclass
+class StepRecordRT:
+    step: int
+    phase: str
+    start_ns: int
+    end_ns: int = 0
+
+
+@dataclass
+class LayerEvent:
+    """What one layer call did, for the recorder."""
+
+    step: int
+    phase: str
+    layer: int
+    request: LayerRequest
+    plan: LayerPlan
+    start_ns: int
+    end_ns: int
+    stall_ns: int
+    loads: list[Copy] = field(default_factory=list)
+
+
+class OffloadSession:
+    """One offloaded run. Use `offload(...)`, which installs and uninstalls it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: str | Policy,
+        *,
+        cache_experts: int | None = None,
+        cache_per_layer: int | None = None,
+        partition: Literal["global", "per_layer"] | None = None,
+        link: str | LinkSpec = "emulated:16GB/s",
+        costs: CostModel | None = None,
+        future: Future | None = None,
+        on_layer: Callable[[LayerEvent], None] | None = None,
+        name: str | None = None,
+    ):
+        self.model = model
+        self.layers = find_moe_layers(model)
+        self.spec = model_spec(model, self.layers, name)
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        if (cache_experts is None) == (cache_per_layer is None):
+            raise OffloadError("give exactly one cache size: cache_experts=N or cache_per_layer=K")
+        n_layers = self.spec.num_moe_layers
+        slots = cache_experts if cache_experts is not None else cache_per_layer * n_layers  # type: ignore[operator]
+        part = "per_layer" if cache_per_layer is not None else (partition or "global")
+        if slots < 1:
+            raise OffloadError(f"cache must hold at least one expert, got {slots}")
+        self.cache = ExpertCache(slots, n_layers, part)  # type: ignore[arg-type]
+        if self.cache.min_capacity() < self.spec.top_k:
+            raise OffloadError(
+                f"cache too small: {self.cache.min_capacity()} slot(s){' per layer' if part == 'per_layer' else ''} "
+                f"< top_k={self.spec.top_k}"
+            )
+        total = self.spec.num_experts * n_layers
+        if slots > total:
+            raise OffloadError(f"cache of {slots} slots is larger than the model's {total} routed experts")
+        self.device = next(model.parameters()).device
+        self.link_spec = parse_link(link) if isinstance(link, str) else link
+        if self.link_spec.kind == "cuda" and self.device.type != "cuda":
+            raise OffloadError("link 'cuda' needs the model on a CUDA device")
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            need = slots * self.spec.expert_bytes
+            if need > free + sum(
+                getattr(ly.experts, p).numel() * getattr(ly.experts, p).element_size()
+                for ly in self.layers
+                for p in _expert_parts(ly.experts)
+            ):
+                raise OffloadError(f"a cache of {slots} experts needs {need / 2**30:.2f} GiB; the device has {free / 2**30:.2f} GiB free")
+        if self.policy.wants_future() and future is None:
+            raise OffloadError(
+                f"policy {self.policy.name!r} is an oracle: the runtime runs it only with the trace of the very run it repeats"
+            )
+        self.costs = costs or _link_costs(self.spec, self.link_spec)
+        self.future = future
+        self.on_layer = on_layer
+        self.counters = Counters()
+        self.steps: list[StepRecordRT] = []
+        self.stall_ns = 0
+        self._pending: dict[Key, Copy] = {}
+        self._lock = threading.Lock()
+        self._installed = False
+
+    # -- install / uninstall ---------------------------------------------------------------------
+    def install(self) -> None:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+            ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _offloaded_experts_forward)
+        self.store = ExpertStore(self.layers, pin=self.device.type == "cuda")
+        self.pool = SlotPool(self.cache.capacity, self.store, self.device)
+        self.link: EmulatedLink | CudaLink = make_link(self.link_spec, self.device)
+        for ly in self.layers:
+            ex = ly.experts
+            for p in _expert_parts(ex):
+                old = getattr(ex, p)
+                # release the device copy of the 3D weights: the slots are the only expert memory now
+                setattr(ex, p, nn.Parameter(torch.empty(0, dtype=old.dtype, device=old.device), requires_grad=False))
+            ex._moe_offload = (self, ly.index)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._prev_impl = getattr(self.model.config, "_experts_implementation", None)
+        self.model.set_experts_implementation(IMPLEMENTATION)
+        self._hooks = [
+            self.model.register_forward_pre_hook(self._step_begin, with_kwargs=True),
+            self.model.register_forward_hook(self._step_end, with_kwargs=True),
+        ]
+        self.policy.reset(self.spec, self.cache, self.costs, self.future)
+        self.t0_ns = time.perf_counter_ns()
+        self._installed = True
+
+    def uninstall(self) -> None:
+        if not self._installed:
+            return
+        self.link.close()
+        for h in self._hooks:
+            h.remove()
+        for ly in self.layers:  # rebuild the 3D weights from the slow tier: the model is whole again
+            ex = ly.experts
+            per_expert = [self.store.views(self.store.buffers[(ly.index, e)]) for e in range(int(ex.num_experts))]
+            for i, p in enumerate(self.store.parts):
+                full = torch.stack([views[i] for views in per_expert]).to(self.device)
+                setattr(ex, p, nn.Parameter(full, requires_grad=False))
+            del ex._moe_offload
+        if self._prev_impl is not None:
+            self.model.set_experts_implementation(self._prev_impl)
+        self.t1_ns = time.perf_counter_ns()
+        self._installed = False
+
+    # -- steps --------------------------------------------------------------------------------------
+    def _step_begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        seq = int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 1
+        self.steps.append(StepRecordRT(len(self.steps), "prefill" if seq > 1 else "decode", time.perf_counter_ns()))
+
+    def _step_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # step latency is measured on the host clock
+        self.steps[-1].end_ns = time.perf_counter_ns()
+        self.policy.observe(self.steps[-1].step)
+
+    # -- one MoE layer call -------------------------------------------------------------------------
+    def layer_call(self, experts: nn.Module, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter_ns()
+        step = self.steps[-1] if self.steps else StepRecordRT(0, "prefill", t0)
+        if not self.steps:
+            self.steps.append(step)
+        # copies that have landed since the last call: the in-flight split of the counters
+        for key, cp in list(self._pending.items()):
+            if self.link.is_done(cp):
+                del self._pending[key]
+                self.cache.complete(key)
+        idx_np = top_k_index.detach().cpu().numpy().astype(np.int64)
+        w_np = top_k_weights.detach().to(torch.float32).cpu().numpy().astype(np.float64)
+        req = LayerRequest(step.step, step.phase, layer, idx_np, w_np)  # type: ignore[arg-type]
+        plan = self.policy.plan(req, self.cache)
+        waits = {k: self._pending[k] for k in plan.execute if k in self._pending}
+        apply_plan(self.cache, req, plan, self.counters, self.costs.variant_bytes)
+        release: dict[Key, Any] = {}
+        # slots of the call's experts now: a later copy of this call may take a slot over (reuse)
+        slot_for = {k: self.pool.slot_of[k] for k in plan.execute if k in self.pool.slot_of}
+        copies = self._issue(plan, release, slot_for)
+        for cp in copies:
+            if cp.urgent:
+                waits[cp.key] = cp
+
+        # the executed assignment: as routed, unless the plan changed it
+        if plan.topk is not None:
+            index = torch.as_tensor(plan.topk, device=hidden.device).long()
+            weights = torch.as_tensor(plan.weights, device=hidden.device, dtype=top_k_weights.dtype)
+            index = torch.where(index < 0, torch.full_like(index, experts.num_experts), index)
+        else:
+            index, weights = top_k_index, top_k_weights
+        with torch.no_grad():
+            mask = nn.functional.one_hot(index, num_classes=experts.num_experts + 1).permute(2, 1, 0)
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        stall = 0
+        cuda = isinstance(self.link, CudaLink)
+        for key in plan.order:
+            e = key[1]
+            cp = waits.get(key)
+            if cp is not None:
+                w0 = time.perf_counter_ns()
+                self.link.wait(cp)
+                stall += time.perf_counter_ns() - w0
+            slot = slot_for[key]
+            top_k_pos, token_idx = torch.where(mask[e])
+            out = _expert_math(experts, self.pool.views[slot], hidden[token_idx])
+            outputs[e] = (token_idx, out * weights[token_idx, top_k_pos, None])
+            if cuda:
+                ev = torch.cuda.Event()
+                ev.record()
+                self.pool.last_reader[slot] = ev
+                for cp in self._deferred.pop(key, []):  # copies into this slot may go now
+                    cp.wait.append(ev)
+                    self.link.submit(cp)
+            elif key in release:
+                release[key].set()
+        for key in plan.cpu:
+            e = key[1]
+            top_k_pos, token_idx = torch.where(mask[e])
+            views = self.store.views(self.store.buffers[key])
+            out = _expert_math(experts, views, hidden[token_idx].to("cpu")).to(hidden.device)
+            outputs[e] = (token_idx, out * weights[token_idx, top_k_pos, None])
+        if not cuda:
+            for cp in copies:  # urgent copies all landed (we waited); mark them complete now
+                if cp.urgent and self.link.is_done(cp):
+                    self._pending.pop(cp.key, None)
+                    self.cache.complete(cp.key)
+        final = torch.zeros_like(hidden)
+        for e in sorted(outputs):  # transformers' eager path adds the experts in ascending id order
+            token_idx, out = outputs[e]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        self.stall_ns += stall
+        if self.on_layer is not None:
+            self.on_layer(LayerEvent(step.step, step.phase, layer, req, plan, t0, time.perf_counter_ns(), stall, copies))
+        return final
+
+    def _issue(self, plan: LayerPlan, release: dict[Key, Any], slot_for: dict[Key, int]) -> list[Copy]:
+        """Hand the plan's copies to the link. A copy into a slot first waits for the slot's previous
+        occupant: its own copy, and its compute if this call uses it (emulated: an event the compute
+        thread sets; CUDA: the copy is submitted once the compute stream has the victim's kernels, and
+        waits on the event recorded after them), and on CUDA the last kernel that read the slot."""
+        cuda = isinstance(self.link, CudaLink)
+        need = set(plan.execute)
+        copies: list[Copy] = []
+        self._deferred: dict[Key, list[Copy]] = {}
+        for urgent, group in ((True, plan.loads), (False, plan.prefetch)):
+            for ld in group:
+                wait: list[Any] = []
+                if ld.victim is not None:
+                    prev = self._pending.pop(ld.victim, None)
+                    if prev is not None:  # the victim's own copy must land before its slot is overwritten
+                        wait.append(prev.done)
+                slot = self.pool.assign(ld.key, ld.victim)
+                slot_for.setdefault(ld.key, slot)
+                if cuda and slot in self.pool.last_reader:
+                    wait.append(self.pool.last_reader[slot])
+                cp = Copy(ld.key, self.store.buffers[ld.key], self.pool.buf[slot], urgent, wait)
+                self._pending[ld.key] = cp
+                copies.append(cp)
+                if ld.victim is not None and ld.victim in need:  # the slot is reused inside this call
+                    if cuda:
+                        self._deferred.setdefault(ld.victim, []).append(cp)
+                        continue
+                    release[ld.victim] = threading.Event()
+                    wait.append(release[ld.victim])
+                self.link.submit(cp)
+        return copies
+
+    # -- results ------------------------------------------------------------------------------------
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The metrics of DESIGN section 5, counted as the simulator counts them (times measured)."""
+        c = self.counters
+        steps = [s for s in self.steps if s.end_ns]
+        decode = [s for s in steps if s.phase == "decode"]
+        runs: list[float] = []
+        start: int | None = None
+        prev_end = 0
+        for s in steps:
+            if s.phase == "prefill" and start is None:
+                start = s.start_ns
+            if s.phase == "decode" and start is not None:
+                runs.append((prev_end - start) / 1e9)
+                start = None
+            prev_end = s.end_ns
+        if start is not None:
+            runs.append((prev_end - start) / 1e9)
+        end = getattr(self, "t1_ns", None) or time.perf_counter_ns()
+        total = (end - self.t0_ns) / 1e9
+        mass = c.routed_mass or 1.0
+        return {
+            "layer_calls": c.layer_calls,
+            "steps": len(steps),
+            "prefill_steps": len(steps) - len(decode),
+            "decode_steps": len(decode),
+            "accesses": c.accesses,
+            "hits": c.hits,
+            "inflight_hits": c.inflight_hits,
+            "misses": c.misses,
+            "hit_rate": c.hit_rate,
+            "prefetches": c.prefetches,
+            "wasted_prefetches": c.wasted_prefetches,
+            "cpu_experts": c.cpu_experts,
+            "bytes_h2d": c.bytes_h2d,
+            "stall_s": self.stall_ns / 1e9,
+            "ttft_s": sum(runs) / len(runs) if runs else None,
+            "tpot_s": sum((s.end_ns - s.start_ns) for s in decode) / len(decode) / 1e9 if decode else None,
+            "total_s": total,
+            "link_busy_frac": (self.link.busy_ns / 1e9 / total) if total > 0 and self.link.kind == "emulated" else None,
+            "dropped_mass": c.dropped_mass / mass,
+            "substituted_mass": c.substituted_mass / mass,
+        }
+
+
+def _expert_math(experts: nn.Module, w: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """One expert on its token rows, the same operations as transformers' eager experts loop."""
+    if experts.is_transposed:
+        gate_up = x @ w[0]
+        if experts.has_bias:
+            gate_up = gate_up + w[2]
+        h = experts._apply_gate(gate_up) if experts.has_gate else experts.act_fn(gate_up)
+        out = h @ w[1]
+        if experts.has_bias:
+            out = out + w[3]
+        return out
+    if experts.has_gate:
+        gate, up = nn.functional.linear(x, w[0], w[2] if experts.has_bias else None).chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up
+    else:
+        h = experts.act_fn(nn.functional.linear(x, w[0], w[2] if experts.has_bias else None))
+    return nn.functional.linear(h, w[1], w[3] if experts.has_bias else None)
+
+
+def _offloaded_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                               top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The function registered in transformers' experts registry."""
+    bound = getattr(self, "_moe_offload", None)
+    if bound is None:
+        raise RuntimeError("experts implementation 'moe_offload_lab' used outside an offload() session")
+    session, layer = bound
+    return session.layer_call(self, layer, hidden_states, top_k_index, top_k_weights)
+
+
+def _link_costs(spec: ModelSpec, link: LinkSpec) -> CostModel:
+    """A cost model with what the runtime knows without calibration: the link."""
+    bw = link.bandwidth_Bps if link.bandwidth_Bps else 25e9
+    return CostModel(link.latency_s, bw, {"full": spec.expert_bytes}, ComputeCost(), ComputeCost(), ComputeCost())
+
+
+@contextmanager
+def offload(model: nn.Module, policy: str | Policy = "lru", **kwargs: Any) -> Iterator[OffloadSession]:
+    """Run `model` with its experts offloaded under `policy` inside the block:
+
+        with offload(model, policy="lru", cache_experts=16, link="emulated:16GB/s") as session:
+            out = model.generate(ids, max_new_tokens=32)
+        session.metrics
+    """
+    session = OffloadSession(model, policy, **kwargs)
+    session.install()
+    try:
+        yield session
+    finally:
+        session.uninstall()
