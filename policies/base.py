@@ -8,6 +8,7 @@ Python, and each policy's parameters are a pydantic model, so a bad parameter ge
 from __future__ import annotations
 
 import ast
+import os
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
@@ -38,6 +39,23 @@ class Future:
 
     def __init__(self, calls: Sequence[Sequence[Key]]):
         self.calls = calls
+
+    @classmethod
+    def from_records(cls, records: Iterable[object]) -> Future:
+        """From trace records (layer records; others are skipped)."""
+        from traces.schema import LayerRecord
+
+        return cls([
+            LayerRequest(r.step, r.phase, r.layer, r.topk, r.weights).keys_in_access_order()
+            for r in records
+            if isinstance(r, LayerRecord)
+        ])
+
+    @classmethod
+    def from_trace(cls, path: str | os.PathLike[str], allow_truncated: bool = False) -> Future:
+        from traces.io import TraceReader
+
+        return cls.from_records(TraceReader(path, allow_truncated=allow_truncated))
 
     def counts(self) -> dict[Key, int]:
         out: dict[Key, int] = {}

@@ -61,19 +61,12 @@ class Static(DemandPolicy):
 
 
 def _count_trace(path: str, model) -> dict[Key, int]:  # type: ignore[no-untyped-def]
-    from policies.request import LayerRequest  # local: keeps the import graph flat
-    from traces.io import TraceReader
+    from traces.io import read_header
 
-    reader = TraceReader(path)
-    other = reader.header.model
+    other = read_header(path).model
     if (other.num_experts, other.num_moe_layers) != (model.num_experts, model.num_moe_layers):
         raise PolicySpecError(
             f"static: profile trace {path} is for {other.name} ({other.num_moe_layers} layers x {other.num_experts} experts), "
             f"not {model.name}"
         )
-    counts: dict[Key, int] = {}
-    for rec in reader.layer_records():
-        req = LayerRequest(rec.step, rec.phase, rec.layer, rec.topk, rec.weights)
-        for k in req.keys_in_access_order():
-            counts[k] = counts.get(k, 0) + 1
-    return counts
+    return Future.from_trace(path).counts()

@@ -187,6 +187,7 @@ class LayerEvent:
     end_ns: int
     stall_ns: int
     loads: list[Copy] = field(default_factory=list)
+    hidden: torch.Tensor | None = None  # the experts' input, for look-ahead routing
 
 
 class OffloadSession:
@@ -204,6 +205,7 @@ class OffloadSession:
         costs: CostModel | None = None,
         future: Future | None = None,
         on_layer: Callable[[LayerEvent], None] | None = None,
+        on_step: Callable[[StepRecordRT], None] | None = None,
         name: str | None = None,
     ):
         self.model = model
@@ -246,6 +248,7 @@ class OffloadSession:
         self.costs = costs or _link_costs(self.spec, self.link_spec)
         self.future = future
         self.on_layer = on_layer
+        self.on_step = on_step
         self.counters = Counters()
         self.steps: list[StepRecordRT] = []
         self.stall_ns = 0
@@ -312,6 +315,8 @@ class OffloadSession:
             torch.cuda.synchronize(self.device)  # step latency is measured on the host clock
         self.steps[-1].end_ns = time.perf_counter_ns()
         self.policy.observe(self.steps[-1].step)
+        if self.on_step is not None:
+            self.on_step(self.steps[-1])
 
     # -- one MoE layer call -------------------------------------------------------------------------
     def layer_call(self, experts: nn.Module, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -388,7 +393,7 @@ class OffloadSession:
             final.index_add_(0, token_idx, out.to(final.dtype))
         self.stall_ns += stall
         if self.on_layer is not None:
-            self.on_layer(LayerEvent(step.step, step.phase, layer, req, plan, t0, time.perf_counter_ns(), stall, copies))
+            self.on_layer(LayerEvent(step.step, step.phase, layer, req, plan, t0, time.perf_counter_ns(), stall, copies, hidden))
         return final
 
     def _issue(self, plan: LayerPlan, release: dict[Key, Any], slot_for: dict[Key, int]) -> list[Copy]:

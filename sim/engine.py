@@ -51,8 +51,7 @@ def request_from_record(rec: LayerRecord) -> LayerRequest:
 
 def future_of(records: Iterable[LayerRecord | StepRecord]) -> Future:
     """Every layer call's keys in access order: what oracle policies are given at reset."""
-    calls = [request_from_record(r).keys_in_access_order() for r in records if isinstance(r, LayerRecord)]
-    return Future(calls)
+    return Future.from_records(records)
 
 
 def _memo(fn: Callable[[int], float]) -> Callable[[int], float]:

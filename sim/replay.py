@@ -2,7 +2,7 @@
 
     python -m sim.replay TRACE --policy SPEC (--cache-experts N [--partition global|per_layer]
         | --cache-per-layer K | --cache-gb X) [--hardware NAME|FILE] [--out result.json]
-        [--timeline timeline.html] [--allow-truncated]
+        [--timeline timeline.html] [--chrome-trace trace.json] [--allow-truncated]
 
 Prints a summary table. `--out` writes JSON with `config` (all that reproduces the run, the trace's
 digest included) and `metrics`; identical inputs give byte-identical files.
@@ -26,6 +26,7 @@ from policies import CacheError, PolicySpecError, available, make_policy
 from sim.config import GIB, CacheConfig
 from sim.engine import SimResult, Simulation, Timeline, future_of
 from sim.hardware import GB, HardwareError, HardwareProfile, load_profile, presets
+from traces.cli import OneLineParser
 from traces.io import Record, TraceError, TraceReader, write_text_atomic
 
 TOOL = "moe-offload-lab 0.1.0"
@@ -112,13 +113,6 @@ def replay(
 
 
 # -- CLI --------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (no usage dump) and exits 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _fmt_s(x: float | None) -> str:
     if x is None:
         return "n/a"
@@ -151,7 +145,7 @@ def summary(res: ReplayResult) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m sim.replay", description="Replay an MoE routing trace under an offloading policy.")
+    p = OneLineParser(prog="python -m sim.replay", description="Replay an MoE routing trace under an offloading policy.")
     p.add_argument("trace", help="trace file (.jsonl or .jsonl.gz)")
     p.add_argument("--policy", default="lru", help=f"policy spec (default lru); known: {', '.join(available())}")
     size = p.add_argument_group("cache size (exactly one)")
@@ -162,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", default=DEFAULT_HARDWARE, help=f"preset ({', '.join(presets())}) or profile .json")
     p.add_argument("--out", type=Path, help="write config + metrics as JSON")
     p.add_argument("--timeline", type=Path, help="write a Gantt chart of the compute and copy streams (HTML)")
+    p.add_argument("--chrome-trace", type=Path, metavar="FILE",
+                   help="write the timeline as Chrome/Perfetto trace events (JSON; chrome://tracing, ui.perfetto.dev)")
     p.add_argument("--timeline-steps", type=int, default=4, metavar="S", help="steps drawn in the timeline (default 4)")
     p.add_argument("--timeline-from", type=int, default=0, metavar="STEP", help="first step drawn (default 0)")
     p.add_argument("--allow-truncated", action="store_true", help="replay a trace that has no footer")
@@ -187,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeline_steps < 1 or args.timeline_from < 0:
         print(f"{prog}: error: --timeline-steps must be at least 1 and --timeline-from at least 0", file=sys.stderr)
         return 2
-    timeline = Timeline(args.timeline_steps, args.timeline_from) if args.timeline else None
+    timeline = Timeline(args.timeline_steps, args.timeline_from) if args.timeline or args.chrome_trace else None
     try:
         res = replay(
             args.trace, args.policy, cache, args.hardware, allow_truncated=args.allow_truncated, timeline=timeline,
@@ -204,10 +200,15 @@ def main(argv: list[str] | None = None) -> int:
             write_text_atomic(args.out, res.to_json())
             print(f"\nwrote {args.out}")
         if timeline is not None:
-            from sim.timeline import write_timeline
+            from sim.timeline import write_chrome_trace, write_timeline
 
-            write_timeline(timeline, args.timeline, title=f"{res.config['policy']} on {Path(args.trace).name}")
-            print(f"wrote {args.timeline}")
+            title = f"{res.config['policy']} on {Path(args.trace).name}"
+            if args.timeline:
+                write_timeline(timeline, args.timeline, title=title)
+                print(f"wrote {args.timeline}")
+            if args.chrome_trace:
+                write_chrome_trace(timeline, args.chrome_trace, title=title)
+                print(f"wrote {args.chrome_trace}")
     except OSError as exc:
         print(f"{prog}: error: cannot write output: {exc}", file=sys.stderr)
         return 2
