@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from policies import PolicySpecError
+from policies import Future, PolicySpecError
 from runtime.links import LinkError
 from runtime.models import ModelError, load_model
 from runtime.offload import LayerEvent, MoELayer, OffloadError, OffloadSession, StepRecordRT
@@ -176,6 +176,7 @@ def record(
     prompt_source: str | None = None,
     device: str = "cpu",
     progress: bool = True,
+    future: Future | None = None,
 ) -> dict[str, Any]:
     """Run the prompts one after another (each a sequence of its own), write the trace, return the
     session's metrics."""
@@ -187,7 +188,7 @@ def record(
         if cache_experts is None and cache_per_layer is None:
             cache_per_layer = int(next(m for m in model.modules() if hasattr(m, "has_gate")).num_experts)
     session_kw = {"cache_experts": cache_experts, "cache_per_layer": cache_per_layer, "link": link}
-    session = OffloadSession(model, policy, **{k: v for k, v in session_kw.items() if v is not None}, name=name)
+    session = OffloadSession(model, policy, **{k: v for k, v in session_kw.items() if v is not None}, name=name, future=future)
     header = Header(
         model=session.spec,
         recording=Recording(
