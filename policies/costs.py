@@ -32,6 +32,7 @@ class CostModel:
     dense: ComputeCost  # the non-expert part of one decoder layer
     gpu_expert: ComputeCost
     cpu_expert: ComputeCost
+    step: ComputeCost = ComputeCost()  # once per forward step: embeddings, LM head, sampling, framework
 
     def transfer_s(self, variant: str = "full") -> float:
         return self.h2d_latency_s + self.variant_bytes[variant] / self.h2d_bytes_per_s

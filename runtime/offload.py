@@ -253,6 +253,7 @@ class OffloadSession:
         self.steps: list[StepRecordRT] = []
         self.stall_ns = 0
         self._pending: dict[Key, Copy] = {}
+        self.expert_times: list[tuple[int, int]] | None = None  # (token rows, ns) per GPU expert, when calibrating
         self._lock = threading.Lock()
         self._installed = False
 
@@ -365,7 +366,16 @@ class OffloadSession:
                 stall += time.perf_counter_ns() - w0
             slot = slot_for[key]
             top_k_pos, token_idx = torch.where(mask[e])
-            out = _expert_math(experts, self.pool.views[slot], hidden[token_idx])
+            if self.expert_times is not None:  # calibration: time each expert on its own
+                if cuda:
+                    torch.cuda.synchronize(self.device)
+                x0 = time.perf_counter_ns()
+                out = _expert_math(experts, self.pool.views[slot], hidden[token_idx])
+                if cuda:
+                    torch.cuda.synchronize(self.device)
+                self.expert_times.append((int(token_idx.numel()), time.perf_counter_ns() - x0))
+            else:
+                out = _expert_math(experts, self.pool.views[slot], hidden[token_idx])
             outputs[e] = (token_idx, out * weights[token_idx, top_k_pos, None])
             if cuda:
                 ev = torch.cuda.Event()

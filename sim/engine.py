@@ -302,6 +302,7 @@ class Simulation:
         no_release: dict[Key, simpy.Event] = {}
         dense_s = _memo(costs.dense_s)
         expert_s = _memo(costs.gpu_expert_s)
+        step_s = _memo(costs.step)
         for rec in records:
             if not isinstance(rec, LayerRecord):
                 continue
@@ -309,6 +310,9 @@ class Simulation:
                 if step >= 0:
                     self._end_step(step, phase, step_start, env.now + t)
                 step, phase, step_start = rec.step, rec.phase, env.now + t
+                d = step_s(rec.tokens)  # the step's own overhead (embeddings, LM head, sampling)
+                t += d
+                self.gpu_busy_s += d
                 if self.nonmoe_layers:
                     d = self.nonmoe_layers * dense_s(rec.tokens)
                     if tl is not None:

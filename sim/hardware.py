@@ -79,6 +79,7 @@ class Fit(_Strict):
     dense: Cost
     gpu_expert: Cost
     cpu_expert: Cost
+    step: Cost = Field(default_factory=Cost, description="once per forward step: embeddings, LM head, sampling, framework")
 
 
 class HardwareProfile(_Strict):
@@ -105,8 +106,10 @@ class HardwareProfile(_Strict):
             )
         variants = variant_bytes or {"full": model.expert_bytes}
         bw = self.link.h2d_gbps * GB / self.link.copy_engines
+        step = ComputeCost()
         if self.fit is not None:
             dense, gpu_e, cpu_e = (c.compute_cost() for c in (self.fit.dense, self.fit.gpu_expert, self.fit.cpu_expert))
+            step = self.fit.step.compute_cost()
         else:
             g, c = self.gpu, self.cpu
             flops = g.peak_tflops * 1e12 * g.flops_efficiency
@@ -126,6 +129,7 @@ class HardwareProfile(_Strict):
             dense=dense,
             gpu_expert=gpu_e,
             cpu_expert=cpu_e,
+            step=step,
         )
 
 

@@ -1,0 +1,261 @@
+"""Measure this machine for the simulator: a calibrated hardware profile for one model and one link.
+
+    python -m runtime.calibrate --model M --link L -o profile.json [--device cpu|cuda]
+
+What is measured, all in the offloaded runtime itself (so its own per-call overhead is part of what
+the simulator is told):
+- the link: copies of expert-sized and larger buffers through the link, fit to latency + bytes / bandwidth;
+- per decoder layer, the time outside the experts (attention, router, norms, the policy's planning)
+  as a function of the token count, from prefill forwards of 1 .. 64 tokens with every expert resident;
+- one expert on the GPU (the compute device) and on the CPU, as functions of its token rows;
+- the per-step rest (embeddings, LM head, sampling, the framework);
+- the device's memory bandwidth (a large copy) and matmul throughput (for the profile's record).
+
+The output validates as `sim.hardware.HardwareProfile` with `source: "calibrated"` and a `fit` for
+this model, which `python -m sim.replay --hardware profile.json` accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from runtime.links import Copy, LinkError, make_link, parse_link
+from runtime.models import ModelError, load_model
+from runtime.offload import OffloadError, OffloadSession, _expert_math
+from traces.cli import OneLineParser
+from traces.io import write_text_atomic
+
+TOKENS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _fit(points: list[tuple[float, float]]) -> dict[str, float]:
+    """Least squares t = fixed + per_token * n, both clipped at zero (floor 0: a calibrated line)."""
+    n = np.array([p[0] for p in points], dtype=np.float64)
+    t = np.array([p[1] for p in points], dtype=np.float64)
+    if len(set(n.tolist())) < 2:
+        return {"fixed_s": float(max(t.mean(), 0.0)), "per_token_s": 0.0, "floor_s": 0.0}
+    a = np.vstack([np.ones_like(n), n]).T
+    (fixed, slope), *_ = np.linalg.lstsq(a, t, rcond=None)
+    if slope < 0:
+        fixed, slope = float(t.mean()), 0.0
+    if fixed < 0:
+        fixed, slope = 0.0, float((n @ t) / (n @ n))
+    return {"fixed_s": float(fixed), "per_token_s": float(slope), "floor_s": 0.0}
+
+
+def _median_by_n(samples: list[tuple[int, float]]) -> list[tuple[float, float]]:
+    by: dict[int, list[float]] = {}
+    for n, t in samples:
+        by.setdefault(n, []).append(t)
+    return [(float(n), float(np.median(ts))) for n, ts in sorted(by.items())]
+
+
+def measure_link(link_spec: str, nbytes: int, device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """Copies of 1x, 4x and 16x an expert's bytes; fit to latency + bytes / bandwidth."""
+    link = make_link(link_spec, device)
+    samples: list[tuple[float, float]] = []
+    try:
+        for mult in (1, 4, 16):
+            n = max(nbytes * mult // 4, 1)
+            src = torch.ones(n, dtype=torch.float32, pin_memory=device.type == "cuda")
+            dst = torch.empty(n, dtype=torch.float32, device=device)
+            for _ in range(repeats):
+                cp = Copy((0, 0), src, dst, urgent=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter_ns()
+                link.submit(cp)
+                if device.type == "cuda":
+                    cp.done.synchronize()
+                else:
+                    cp.done.wait()
+                samples.append((float(n * 4), (time.perf_counter_ns() - t0) / 1e9))
+    finally:
+        link.close()
+    f = _fit(_median_by_n([(int(b), t) for b, t in samples]))
+    bw = 1.0 / f["per_token_s"] if f["per_token_s"] > 0 else float("inf")
+    return {"latency_us": f["fixed_s"] * 1e6, "h2d_gbps": bw / 1e9}
+
+
+def _device_speed(device: torch.device) -> tuple[float, float]:
+    """(memory GB/s, matmul TFLOPS) of the compute device, roughly: for the profile's record."""
+    x = torch.empty(64 * 2**20 // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    a = torch.randn(512, 512, device=device)
+
+    def timed(fn, reps: int = 5) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) / reps
+
+    mem = 2 * x.numel() * 4 / timed(lambda: y.copy_(x)) / 1e9
+    flops = 2 * 512**3 / timed(lambda: a @ a) / 1e12
+    return mem, flops
+
+
+def calibrate(model_name: str, link: str, *, device: str = "cpu", repeats: int = 3) -> dict[str, Any]:
+    dev = torch.device(device)
+    model, name = load_model(model_name, device=dev)
+    session = OffloadSession(model, "lru", cache_per_layer=int(_num_experts(model)), link=link, name=name)
+    spec = session.spec
+    layer_ns: dict[int, int] = {}
+    starts: dict[int, int] = {}
+    hooks = []
+    decoder = _decoder_layers(model)
+
+    def pre(i: int):  # type: ignore[no-untyped-def]
+        def hook(m: nn.Module, args: Any) -> None:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            starts[i] = time.perf_counter_ns()
+
+        return hook
+
+    def post(i: int):  # type: ignore[no-untyped-def]
+        def hook(m: nn.Module, args: Any, out: Any) -> None:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            layer_ns[i] = layer_ns.get(i, 0) + time.perf_counter_ns() - starts[i]
+
+        return hook
+
+    for i, layer in enumerate(decoder):
+        hooks += [layer.register_forward_pre_hook(pre(i)), layer.register_forward_hook(post(i))]
+    dense_samples: list[tuple[int, float]] = []
+    step_samples: list[tuple[int, float]] = []
+    expert_samples: list[tuple[int, float]] = []
+    session.install()
+    try:
+        g = torch.Generator().manual_seed(0)
+        for rep in range(repeats + 1):  # the first round warms up and is dropped
+            for n in TOKENS:
+                ids = torch.randint(3, model.config.vocab_size, (1, n), generator=g).to(dev)
+                # every expert resident: warm the cache with this input first, then time
+                with torch.no_grad():
+                    model(ids)
+                session.expert_times = []
+                layer_ns.clear()
+                with torch.no_grad():
+                    model(ids)
+                st = session.steps[-1]
+                expert_total = sum(t for _, t in session.expert_times)
+                layers_total = sum(layer_ns.values())
+                if rep:
+                    dense_samples.append((n, (layers_total - expert_total) / len(decoder) / 1e9))
+                    step_samples.append((n, (st.end_ns - st.start_ns - layers_total) / 1e9))
+                    expert_samples += [(k, t / 1e9) for k, t in session.expert_times]
+                session.expert_times = None
+    finally:
+        for h in hooks:
+            h.remove()
+        session.uninstall()
+    cpu_samples = _cpu_expert_samples(session, repeats)
+    link_fit = measure_link(link, spec.expert_bytes, dev)
+    mem_gbps, tflops = _device_speed(dev)
+    cpu_mem, cpu_tflops = _device_speed(torch.device("cpu")) if dev.type == "cuda" else (mem_gbps, tflops)
+    ls = parse_link(link)
+    hbm = torch.cuda.get_device_properties(dev).total_memory / 2**30 if dev.type == "cuda" else _host_gib()
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    return {
+        "name": f"calibrated-{name.replace('/', '_')}-{ls.kind}",
+        "description": f"measured by runtime.calibrate on {dev_name} for {name}, link {ls}",
+        "source": "calibrated",
+        "references": [f"python -m runtime.calibrate --model {model_name} --link {link} --device {device}"],
+        "link": {
+            "h2d_gbps": link_fit["h2d_gbps"],
+            "d2h_gbps": link_fit["h2d_gbps"],
+            "latency_us": max(link_fit["latency_us"], 0.0),
+            "copy_engines": 1,
+            "pinned": dev.type == "cuda",
+            "theoretical_gbps": (ls.bandwidth_Bps / 1e9) if ls.bandwidth_Bps else None,
+        },
+        "gpu": {"name": dev_name, "hbm_gib": hbm, "reserve_gib": 0.0, "peak_tflops": tflops, "hbm_gbps": mem_gbps,
+                "flops_efficiency": 1.0, "hbm_efficiency": 1.0, "expert_overhead_us": 0.0, "dense_overhead_us": 0.0},
+        "cpu": {"name": platform.processor() or platform.machine(), "peak_gflops": cpu_tflops * 1e3, "mem_gbps": cpu_mem,
+                "dram_gib": _host_gib(), "flops_efficiency": 1.0, "mem_efficiency": 1.0, "expert_overhead_us": 0.0},
+        "fit": {
+            "model": spec.name,
+            "dense": _fit(_median_by_n(dense_samples)),
+            "gpu_expert": _fit(_median_by_n(expert_samples)),
+            "cpu_expert": _fit(_median_by_n(cpu_samples)),
+            "step": _fit(_median_by_n(step_samples)),
+        },
+    }
+
+
+def _cpu_expert_samples(session: OffloadSession, repeats: int) -> list[tuple[int, float]]:
+    """One expert computed on the host from the slow tier, for CPU execution of misses."""
+    ex = session.layers[0].experts
+    views = session.store.views(session.store.buffers[(0, 0)])
+    out: list[tuple[int, float]] = []
+    for rep in range(repeats + 1):
+        for n in TOKENS:
+            x = torch.randn(n, session.spec.hidden_size, dtype=session.store.dtype)
+            t0 = time.perf_counter_ns()
+            with torch.no_grad():
+                _expert_math(ex, views, x)
+            if rep:
+                out.append((n, (time.perf_counter_ns() - t0) / 1e9))
+    return out
+
+
+def _num_experts(model: nn.Module) -> int:
+    return int(next(m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "num_experts")).num_experts)
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    for m in model.modules():
+        layers = getattr(m, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) == model.config.num_hidden_layers:
+            return list(layers)
+    raise OffloadError("cannot find the model's decoder layers (a ModuleList named 'layers')")
+
+
+def _host_gib() -> float:
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return 1.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineParser(prog="python -m runtime.calibrate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--link", default="emulated:16GB/s")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("-o", "--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    try:
+        prof = calibrate(args.model, args.link, device=args.device, repeats=args.repeats)
+    except (ModelError, OffloadError, LinkError) as exc:
+        print(f"runtime.calibrate: error: {exc}", file=sys.stderr)
+        return 2
+    write_text_atomic(args.out, json.dumps(prof, indent=2, sort_keys=True) + "\n")
+    f = prof["fit"]
+    print(f"wrote {args.out}")
+    print(f"link    {prof['link']['h2d_gbps']:.3f} GB/s, {prof['link']['latency_us']:.1f} us latency")
+    for k in ("dense", "gpu_expert", "cpu_expert", "step"):
+        print(f"{k:<10} {f[k]['fixed_s'] * 1e6:9.1f} us + {f[k]['per_token_s'] * 1e6:8.3f} us/token")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

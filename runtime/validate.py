@@ -1,0 +1,150 @@
+"""Measured against predicted (DESIGN section 7): run a policy for real, record the run, replay the
+recording in the simulator with the same policy and a profile calibrated on this machine, and set the
+two side by side.
+
+    python -m runtime.validate --model M --policy SPEC (--cache-experts N | --cache-per-layer K)
+        --link L [--profile profile.json] [--prompts FILE] [--max-new-tokens N] [--out-dir DIR]
+
+Hits, misses and bytes must be equal (the engines share the policy object's decisions and the
+counting); TTFT and TPOT are reported with the prediction's relative error. This is the one module
+of the runtime that calls into the simulator (`sim`, never `simpy` itself).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from policies import Future, PolicySpecError, make_policy
+from runtime.calibrate import calibrate
+from runtime.links import LinkError
+from runtime.models import ModelError
+from runtime.offload import OffloadError
+from runtime.record import RecordError, read_prompts, record
+from sim.config import CacheConfig
+from sim.hardware import HardwareError, HardwareProfile, load_profile
+from sim.replay import replay
+from traces.cli import OneLineParser
+from traces.io import TraceError, write_text_atomic
+
+EXACT = ("accesses", "hits", "inflight_hits", "misses", "bytes_h2d", "layer_calls", "steps")
+TIMED = ("ttft_s", "tpot_s")
+DEFAULT_PROMPTS = [
+    "Mixture-of-experts models route every token to a few experts.",
+    "When the experts do not fit in GPU memory, they are copied in on demand over PCIe.",
+    "A policy decides which experts stay resident, which are prefetched and which are evicted.",
+]
+
+
+def validate(
+    model: str,
+    policy: str,
+    *,
+    cache_experts: int | None = None,
+    cache_per_layer: int | None = None,
+    link: str = "emulated:16GB/s",
+    profile: str | HardwareProfile | None = None,
+    prompts: list[str] | None = None,
+    max_new_tokens: int = 16,
+    out_dir: str | Path = "validation",
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = prompts or DEFAULT_PROMPTS
+    if profile is None:
+        prof_path = out / "profile.json"
+        write_text_atomic(prof_path, json.dumps(calibrate(model, link, device=device), indent=2, sort_keys=True) + "\n")
+        profile = str(prof_path)
+    prof = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
+    future = None
+    if make_policy(policy).wants_future():  # an oracle repeats an exact run: record that first
+        exact = out / "exact.jsonl.gz"
+        record(model, prompts, exact, link=link, max_new_tokens=max_new_tokens, device=device, progress=progress)
+        future = Future.from_trace(exact)
+    trace = out / "run.jsonl.gz"
+    measured = record(
+        model, prompts, trace, policy=policy, cache_experts=cache_experts, cache_per_layer=cache_per_layer, link=link,
+        max_new_tokens=max_new_tokens, device=device, progress=progress, future=future,
+    )
+    predicted = replay(trace, policy, CacheConfig(experts=cache_experts, per_layer=cache_per_layer), prof).metrics
+    rows = []
+    for key in EXACT + TIMED:
+        m, p = measured.get(key), predicted.get(key)
+        err = None
+        if key in TIMED and m and p is not None:
+            err = (p - m) / m
+        rows.append({"metric": key, "measured": m, "predicted": p, "rel_error": err, "equal": m == p if key in EXACT else None})
+    result = {
+        "model": model,
+        "policy": policy,
+        "cache": {"experts": cache_experts, "per_layer": cache_per_layer},
+        "link": link,
+        "profile": prof.name,
+        "trace": str(trace),
+        "rows": rows,
+        "counts_equal": all(r["equal"] for r in rows if r["equal"] is not None),
+    }
+    write_text_atomic(out / "validation.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"model {result['model']}, policy {result['policy']}, cache {result['cache']}, link {result['link']}, profile {result['profile']}",
+        "",
+        "| metric | measured | predicted | relative error |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        def fmt(x: Any) -> str:
+            if x is None:
+                return "n/a"
+            if isinstance(x, float):
+                return f"{x * 1e3:.3f} ms"
+            return str(x)
+
+        err = "equal" if r["equal"] else ("DIFFERENT" if r["equal"] is False else (f"{r['rel_error']:+.1%}" if r["rel_error"] is not None else "n/a"))
+        lines.append(f"| {r['metric']} | {fmt(r['measured'])} | {fmt(r['predicted'])} | {err} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineParser(prog="python -m runtime.validate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--policy", default="lru")
+    p.add_argument("--cache-experts", type=int, metavar="N")
+    p.add_argument("--cache-per-layer", type=int, metavar="K")
+    p.add_argument("--link", default="emulated:16GB/s")
+    p.add_argument("--profile", help="calibrated profile .json (default: calibrate now)")
+    p.add_argument("--prompts", help="prompts file (default: three built-in prompts)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out-dir", default="validation")
+    args = p.parse_args(argv)
+    prog = "runtime.validate"
+    if (args.cache_experts is None) == (args.cache_per_layer is None):
+        print(f"{prog}: error: give exactly one of --cache-experts N and --cache-per-layer K", file=sys.stderr)
+        return 2
+    try:
+        prompts = read_prompts(args.prompts) if args.prompts else None
+        res = validate(
+            args.model, args.policy, cache_experts=args.cache_experts, cache_per_layer=args.cache_per_layer, link=args.link,
+            profile=args.profile, prompts=prompts, max_new_tokens=args.max_new_tokens, out_dir=args.out_dir, device=args.device,
+            progress=True,
+        )
+    except (RecordError, ModelError, OffloadError, LinkError, PolicySpecError, HardwareError, TraceError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(table(res))
+    if not res["counts_equal"]:
+        print(f"{prog}: the counts differ between the runtime and the simulator", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
