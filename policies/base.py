@@ -113,7 +113,13 @@ class Policy:
         raise NotImplementedError
 
     def make_room(
-        self, cache: ExpertCache, keys: Iterable[Key], protect: set[Key], runs_before: Sequence[Key] = (), force: bool = True
+        self,
+        cache: ExpertCache,
+        keys: Iterable[Key],
+        protect: set[Key],
+        runs_before: Sequence[Key] = (),
+        force: bool = True,
+        after: Sequence[Load] = (),
     ) -> list[Load]:
         """Loads for `keys` (in order), each with a free slot or a victim.
 
@@ -121,6 +127,9 @@ class Policy:
         (`protect`); failing that, and only when `force`, from keys this call uses that run *before*
         the load in execution order (`runs_before` plus earlier loads), so a call that needs more
         experts than the cache holds streams them through the slots instead of deadlocking.
+
+        `after` are loads this plan already makes (a prefetch planned after the urgent loads): their
+        slots and victims are spoken for.
 
         Whether a copy is still in flight is timing, which differs between the simulator and the
         runtime; so no choice here looks at it (evicting a key in flight is allowed: the engine's copy
@@ -131,6 +140,12 @@ class Policy:
         taken: set[Key] | None = None  # protected keys and victims chosen so far, built on the first eviction
         chosen: set[Key] = set()
         glob = cache.partition == "global"
+        if after:
+            taken = set(protect) | {ld.key for ld in after} | {ld.victim for ld in after if ld.victim is not None}
+            for ld in after:
+                if ld.victim is None:
+                    part = 0 if glob else ld.key[0]
+                    free[part] = free.get(part, cache.free[part]) - 1
         for key in keys:
             part = 0 if glob else key[0]
             f = free.get(part)
