@@ -78,6 +78,10 @@ class Policy:
     lossless: ClassVar[bool] = True
     needs_future: ClassVar[bool] = False
     wraps: ClassVar[bool] = False  # a modifier that composes after '+'
+    # request fields beyond topk/weights the policy reads: "probs", "lookahead", "importance"; the
+    # runtime computes them only when asked (the simulator takes them from the trace)
+    uses: ClassVar[frozenset[str]] = frozenset()
+    lookahead_depth: int = 0  # how many later layers a look-ahead policy wants predicted
 
     def __init__(self, params: BaseModel | None = None, **kwargs: Any):
         self.params = params if params is not None else self.Params(**kwargs)

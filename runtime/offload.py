@@ -34,6 +34,7 @@ from policies import (
 )
 from policies.costs import ComputeCost
 from runtime.links import Copy, CudaLink, EmulatedLink, LinkSpec, make_link, parse_link
+from runtime.signals import RouterTap, importance_of, lookahead_of, probs_of
 from traces.schema import ModelSpec
 
 IMPLEMENTATION = "moe_offload_lab"
@@ -207,6 +208,8 @@ class OffloadSession:
         on_layer: Callable[[LayerEvent], None] | None = None,
         on_step: Callable[[StepRecordRT], None] | None = None,
         name: str | None = None,
+        signals: set[str] | frozenset[str] = frozenset(),
+        lookahead_depth: int = 0,
     ):
         self.model = model
         self.layers = find_moe_layers(model)
@@ -248,6 +251,12 @@ class OffloadSession:
         self.costs = costs or _link_costs(self.spec, self.link_spec)
         self.future = future
         self.on_layer = on_layer
+        # what the requests carry beyond the routing: what the policy reads, and what the caller asks
+        self.signals = set(self.policy.uses) | set(signals)
+        self.lookahead_depth = max(lookahead_depth, getattr(self.policy, "lookahead_depth", 0) or 0)
+        if "lookahead" in self.signals and self.lookahead_depth < 1:
+            self.lookahead_depth = 1
+        self.tap: RouterTap | None = None
         self.on_step = on_step
         self.counters = Counters()
         self.steps: list[StepRecordRT] = []
@@ -281,6 +290,9 @@ class OffloadSession:
             self.model.register_forward_pre_hook(self._step_begin, with_kwargs=True),
             self.model.register_forward_hook(self._step_end, with_kwargs=True),
         ]
+        if self.signals & {"probs", "importance"}:
+            self.tap = RouterTap([ly.router for ly in self.layers])
+        self.routers = [ly.router for ly in self.layers]
         self.policy.reset(self.spec, self.cache, self.costs, self.future)
         self.t0_ns = time.perf_counter_ns()
         self._installed = True
@@ -289,6 +301,9 @@ class OffloadSession:
         if not self._installed:
             return
         self.link.close()
+        if self.tap is not None:
+            self.tap.close()
+            self.tap = None
         for h in self._hooks:
             h.remove()
         for ly in self.layers:  # rebuild the 3D weights from the slow tier: the model is whole again
@@ -333,7 +348,16 @@ class OffloadSession:
                 self.cache.complete(key)
         idx_np = top_k_index.detach().cpu().numpy().astype(np.int64)
         w_np = top_k_weights.detach().to(torch.float32).cpu().numpy().astype(np.float64)
-        req = LayerRequest(step.step, step.phase, layer, idx_np, w_np)  # type: ignore[arg-type]
+        probs = importance = look = None
+        if self.tap is not None:
+            logits = self.tap.logits.pop(layer, None)
+            if logits is not None and logits.shape[0] == hidden.shape[0]:
+                p = probs_of(logits, self.spec.arch)
+                probs = p.cpu().numpy()
+                importance = importance_of(p).cpu().numpy() if "importance" in self.signals else None
+        if self.lookahead_depth and "lookahead" in self.signals:
+            look = {k: v.cpu().numpy() for k, v in lookahead_of(self.routers, layer, hidden, self.lookahead_depth).items()}
+        req = LayerRequest(step.step, step.phase, layer, idx_np, w_np, probs, look, importance)  # type: ignore[arg-type]
         plan = self.policy.plan(req, self.cache)
         waits = {k: self._pending[k] for k in plan.execute if k in self._pending}
         apply_plan(self.cache, req, plan, self.counters, self.costs.variant_bytes)

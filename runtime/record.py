@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import platform
 import sys
 from collections.abc import Sequence
@@ -27,13 +26,12 @@ from torch import nn
 from policies import Future, PolicySpecError
 from runtime.links import LinkError
 from runtime.models import ModelError, load_model
-from runtime.offload import LayerEvent, MoELayer, OffloadError, OffloadSession, StepRecordRT
+from runtime.offload import LayerEvent, OffloadError, OffloadSession, StepRecordRT
 from traces.cli import OneLineParser
 from traces.io import TraceWriter
 from traces.schema import ExpertLoad, Fields, Header, LayerRecord, Measured, Recording, StepRecord
 
 TOOL_VERSION = "0.1.0"
-SIGMOID_ROUTERS = {"deepseek_v3", "deepseek_v2", "glm4_moe", "dots1"}  # routers that score with a sigmoid
 
 
 class RecordError(ValueError):
@@ -79,50 +77,17 @@ def encode(model: nn.Module, name: str, prompt: str) -> torch.Tensor:
 
 
 class Recorder:
-    """Turns a session's layer and step events into trace records, as they happen."""
+    """Turns a session's layer and step events into trace records, as they happen. The session
+    computes the probabilities, look-ahead and importance (it is asked for them), so a policy that
+    reads them and the trace see the same numbers."""
 
-    def __init__(self, writer: TraceWriter, layers: list[MoELayer], arch: str, lookahead: int, t0_ns: int):
+    def __init__(self, writer: TraceWriter, t0_ns: int):
         self.writer = writer
-        self.layers = layers
-        self.lookahead = lookahead
         self.t0 = t0_ns
-        self.sigmoid = arch in SIGMOID_ROUTERS
-        self.logits: dict[int, torch.Tensor] = {}
         self.seq_id = 0
-        self.hooks = [
-            ly.router.register_forward_hook(self._router_hook(ly.index)) for ly in layers if ly.router is not None
-        ]
-
-    def _router_hook(self, layer: int):  # type: ignore[no-untyped-def]
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            logits = output[0] if isinstance(output, tuple) else output
-            self.logits[layer] = logits.detach()
-
-        return hook
-
-    def close(self) -> None:
-        for h in self.hooks:
-            h.remove()
 
     def on_layer(self, ev: LayerEvent) -> None:
         req = ev.request
-        probs = importance = None
-        logits = self.logits.pop(ev.layer, None)
-        if logits is not None and logits.shape[0] == req.tokens:
-            p = torch.sigmoid(logits.float()) if self.sigmoid else torch.softmax(logits.float(), dim=-1)
-            probs = p.double().cpu().tolist()
-            q = p / p.sum(dim=-1, keepdim=True)
-            ent = -(q * torch.log(q.clamp_min(1e-30))).sum(dim=-1) / math.log(q.shape[-1])
-            importance = (1.0 - ent).double().cpu().tolist()  # how decided the router is about the token
-        look: dict[str, list[list[int]]] | None = None
-        if self.lookahead and ev.hidden is not None:
-            look = {}
-            with torch.no_grad():
-                for d in range(1, self.lookahead + 1):
-                    if ev.layer + d < len(self.layers) and self.layers[ev.layer + d].router is not None:
-                        out = self.layers[ev.layer + d].router.forward(ev.hidden)  # forward(): no hook fires
-                        idx = out[-1] if isinstance(out, tuple) else out
-                        look[str(ev.layer + d)] = idx.long().cpu().tolist()
         plan = ev.plan
         measured = Measured(
             start_ns=ev.start_ns - self.t0,
@@ -134,6 +99,7 @@ class Recorder:
                 if c.end_ns
             ],
         )
+        look = req.lookahead
         self.writer.write(
             LayerRecord(
                 step=ev.step,
@@ -142,9 +108,9 @@ class Recorder:
                 tokens=req.tokens,
                 topk=req.topk.tolist(),
                 weights=req.weights.tolist(),
-                probs=probs,
-                lookahead=look,
-                importance=importance,
+                probs=None if req.probs is None else req.probs.tolist(),
+                lookahead=None if look is None else {str(k): v.tolist() for k, v in look.items()},
+                importance=None if req.importance is None else req.importance.tolist(),
                 plan={
                     "loads": [[ld.key[1], *(ld.victim or ())] for ld in plan.loads],
                     "prefetch": [[*ld.key, *(ld.victim or ())] for ld in plan.prefetch],
@@ -188,7 +154,10 @@ def record(
         if cache_experts is None and cache_per_layer is None:
             cache_per_layer = int(next(m for m in model.modules() if hasattr(m, "has_gate")).num_experts)
     session_kw = {"cache_experts": cache_experts, "cache_per_layer": cache_per_layer, "link": link}
-    session = OffloadSession(model, policy, **{k: v for k, v in session_kw.items() if v is not None}, name=name, future=future)
+    session = OffloadSession(
+        model, policy, **{k: v for k, v in session_kw.items() if v is not None}, name=name, future=future,
+        signals={"probs", "importance"} | ({"lookahead"} if lookahead else set()), lookahead_depth=lookahead,
+    )
     header = Header(
         model=session.spec,
         recording=Recording(
@@ -209,7 +178,7 @@ def record(
     torch.manual_seed(seed)
     with TraceWriter(out, header) as writer:
         session.install()
-        rec = Recorder(writer, session.layers, session.spec.arch, lookahead, session.t0_ns)
+        rec = Recorder(writer, session.t0_ns)
         session.on_layer, session.on_step = rec.on_layer, rec.on_step
         bar = None
         if progress:
@@ -228,7 +197,6 @@ def record(
         finally:
             if bar is not None:
                 bar.close()
-            rec.close()
             session.uninstall()
     return session.metrics
 
