@@ -8,20 +8,34 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class ComputeCost:
-    """t(n) = fixed_s + max(floor_s, per_token_s * n) for a batch of n token rows.
+    """t(n) = fixed_s + max(floor_s, per_token_s * n) for a batch of n token rows, or, when measured
+    `points` (n, seconds) are given, the piecewise-linear curve through them.
 
     `floor_s` is the memory-bound part (reading the weights once), `per_token_s` the compute-bound
-    slope; a roofline and a calibrated linear fit (floor 0) both have this shape.
+    slope: a roofline has this shape. Measured costs are rarely a line (a decode step against a KV
+    cache is its own regime, small batches are overhead), hence the points: between two of them the
+    cost is interpolated, past the last one extrapolated along the last segment, below the first one
+    it is the first point's.
     """
 
     fixed_s: float = 0.0
     per_token_s: float = 0.0
     floor_s: float = 0.0
+    points: tuple[tuple[int, float], ...] = ()
 
     def __call__(self, n: int) -> float:
         if n <= 0:
             return 0.0
-        return self.fixed_s + max(self.floor_s, self.per_token_s * n)
+        pts = self.points
+        if not pts:
+            return self.fixed_s + max(self.floor_s, self.per_token_s * n)
+        if n <= pts[0][0] or len(pts) == 1:
+            return pts[0][1] if n <= pts[0][0] else pts[0][1]
+        for (n0, t0), (n1, t1) in zip(pts, pts[1:], strict=False):
+            if n <= n1:
+                return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+        (n0, t0), (n1, t1) = pts[-2], pts[-1]
+        return max(t1 + (t1 - t0) * (n - n1) / (n1 - n0), 0.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,9 +4,12 @@
 
 What is measured, all in the offloaded runtime itself (so its own per-call overhead is part of what
 the simulator is told):
-- the link: copies of expert-sized and larger buffers through the link, fit to latency + bytes / bandwidth;
+- the link: copies of expert-sized and larger buffers through the link, fit to latency + bytes / bandwidth,
+  plus what a miss costs the host beyond the copy (planning, issuing, waking up), found by comparing
+  decode with every expert resident against decode with top_k slots per layer, added to the latency;
 - per decoder layer, the time outside the experts (attention, router, norms, the policy's planning)
-  as a function of the token count, from prefill forwards of 1 .. 64 tokens with every expert resident;
+  as a function of the token count: prefill forwards of 2 .. 64 tokens, and decode steps of one token
+  against a KV cache, as generation runs them (time spent waiting for copies is left out);
 - one expert on the GPU (the compute device) and on the CPU, as functions of its token rows;
 - the per-step rest (embeddings, LM head, sampling, the framework);
 - the device's memory bandwidth (a large copy) and matmul throughput (for the profile's record).
@@ -37,19 +40,21 @@ from traces.io import write_text_atomic
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def _fit(points: list[tuple[float, float]]) -> dict[str, float]:
-    """Least squares t = fixed + per_token * n, both clipped at zero (floor 0: a calibrated line)."""
+def _fit(points: list[tuple[float, float]]) -> dict[str, Any]:
+    """The measured curve (`points`, which the simulator interpolates) and, for reading, the least
+    squares line t = fixed + per_token * n through it (both clipped at zero)."""
     n = np.array([p[0] for p in points], dtype=np.float64)
     t = np.array([p[1] for p in points], dtype=np.float64)
+    pts = [[int(a), max(float(b), 0.0)] for a, b in points]
     if len(set(n.tolist())) < 2:
-        return {"fixed_s": float(max(t.mean(), 0.0)), "per_token_s": 0.0, "floor_s": 0.0}
+        return {"fixed_s": float(max(t.mean(), 0.0)), "per_token_s": 0.0, "floor_s": 0.0, "points": pts}
     a = np.vstack([np.ones_like(n), n]).T
     (fixed, slope), *_ = np.linalg.lstsq(a, t, rcond=None)
     if slope < 0:
         fixed, slope = float(t.mean()), 0.0
     if fixed < 0:
         fixed, slope = 0.0, float((n @ t) / (n @ n))
-    return {"fixed_s": float(fixed), "per_token_s": float(slope), "floor_s": 0.0}
+    return {"fixed_s": float(fixed), "per_token_s": float(slope), "floor_s": 0.0, "points": pts}
 
 
 def _median_by_n(samples: list[tuple[int, float]]) -> list[tuple[float, float]]:
@@ -82,7 +87,7 @@ def measure_link(link_spec: str, nbytes: int, device: torch.device, repeats: int
     finally:
         link.close()
     f = _fit(_median_by_n([(int(b), t) for b, t in samples]))
-    bw = 1.0 / f["per_token_s"] if f["per_token_s"] > 0 else float("inf")
+    bw = 1.0 / f["per_token_s"] if f["per_token_s"] > 0 else 1e15
     return {"latency_us": f["fixed_s"] * 1e6, "h2d_gbps": bw / 1e9}
 
 
@@ -139,33 +144,51 @@ def calibrate(model_name: str, link: str, *, device: str = "cpu", repeats: int =
     dense_samples: list[tuple[int, float]] = []
     step_samples: list[tuple[int, float]] = []
     expert_samples: list[tuple[int, float]] = []
+    timing = {"on": False, "stall": 0}
+
+    def on_step(st: Any) -> None:
+        """One forward done: split its time into layers' dense parts, experts and the step's rest."""
+        if timing["on"] and (st.phase == "decode" or st.tokens > 1):
+            layers_total = sum(layer_ns.values())
+            expert_total = sum(t for _, t in session.expert_times or [])
+            stall = session.stall_ns - timing["stall"]  # a copy waited for is not compute
+            dense_samples.append((st.tokens, (layers_total - expert_total - stall) / len(decoder) / 1e9))
+            step_samples.append((st.tokens, (st.end_ns - st.start_ns - layers_total) / 1e9))
+            expert_samples.extend((k, t / 1e9) for k, t in session.expert_times or [])
+        layer_ns.clear()
+        session.expert_times = []
+        timing["stall"] = session.stall_ns
+
+    session.on_step = on_step
     session.install()
     try:
         g = torch.Generator().manual_seed(0)
+        vocab = model.config.vocab_size
         for rep in range(repeats + 1):  # the first round warms up and is dropped
-            for n in TOKENS:
-                ids = torch.randint(3, model.config.vocab_size, (1, n), generator=g).to(dev)
-                # every expert resident: warm the cache with this input first, then time
+            # prefill: a fresh forward of n tokens (no KV cache), after an untimed one that loads its experts
+            for n in TOKENS[1:]:
+                ids = torch.randint(3, vocab, (1, n), generator=g).to(dev)
                 with torch.no_grad():
+                    timing["on"] = False
                     model(ids)
-                session.expert_times = []
-                layer_ns.clear()
-                with torch.no_grad():
+                    timing["on"] = rep > 0
                     model(ids)
-                st = session.steps[-1]
-                expert_total = sum(t for _, t in session.expert_times)
-                layers_total = sum(layer_ns.values())
-                if rep:
-                    dense_samples.append((n, (layers_total - expert_total) / len(decoder) / 1e9))
-                    step_samples.append((n, (st.end_ns - st.start_ns - layers_total) / 1e9))
-                    expert_samples += [(k, t / 1e9) for k, t in session.expert_times]
-                session.expert_times = None
+            # decode: one token at a time against a KV cache, as generation runs
+            ids = torch.randint(3, vocab, (1, 16), generator=g).to(dev)
+            with torch.no_grad():
+                timing["on"] = False
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+                timing["on"] = rep > 0
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
+                               do_sample=False, pad_token_id=0)
+            timing["on"] = False
     finally:
         for h in hooks:
             h.remove()
         session.uninstall()
     cpu_samples = _cpu_expert_samples(session, repeats)
     link_fit = measure_link(link, spec.expert_bytes, dev)
+    link_fit["latency_us"] += _per_miss_overhead_us(model, name, link, link_fit, spec.expert_bytes, spec.top_k, repeats)
     mem_gbps, tflops = _device_speed(dev)
     cpu_mem, cpu_tflops = _device_speed(torch.device("cpu")) if dev.type == "cuda" else (mem_gbps, tflops)
     ls = parse_link(link)
@@ -196,6 +219,42 @@ def calibrate(model_name: str, link: str, *, device: str = "cpu", repeats: int =
             "step": _fit(_median_by_n(step_samples)),
         },
     }
+
+
+def _decode_tpot(model: nn.Module, name: str, link: str, per_layer: int, repeats: int) -> tuple[float, float]:
+    """(median decode step seconds, misses per decode step) of greedy generation at a cache size."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=g).to(next(model.parameters()).device)
+    tpots, misses = [], []
+    for rep in range(repeats + 1):
+        s = OffloadSession(model, "lru", cache_per_layer=per_layer, link=link, name=name)
+        before: list[int] = []
+        s.on_step = lambda st, s=s, before=before: before.append(s.counters.misses)  # type: ignore[misc]
+        s.install()
+        try:
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
+                               do_sample=False, pad_token_id=0)
+        finally:
+            s.uninstall()
+        decode = [st for st in s.steps if st.phase == "decode"]
+        if rep and decode:
+            tpots.append(float(np.median([(st.end_ns - st.start_ns) / 1e9 for st in decode])))
+            misses.append((before[-1] - before[0]) / max(len(decode), 1))
+    return float(np.median(tpots)), float(np.median(misses))
+
+
+def _per_miss_overhead_us(model: nn.Module, name: str, link: str, link_fit: dict[str, float], nbytes: int, top_k: int,
+                          repeats: int) -> float:
+    """What a miss costs the host beyond the copy itself (planning the load, handing it to the link,
+    waking up when it lands), from decode with every expert resident against decode with top_k
+    slots per layer; the simulator charges it as part of each copy's latency."""
+    full_tpot, _ = _decode_tpot(model, name, link, _num_experts(model), repeats)
+    small_tpot, per_step = _decode_tpot(model, name, link, top_k, repeats)
+    if per_step <= 0:
+        return 0.0
+    copy_s = link_fit["latency_us"] * 1e-6 + nbytes / (link_fit["h2d_gbps"] * 1e9)
+    return max((small_tpot - full_tpot) / per_step - copy_s, 0.0) * 1e6
 
 
 def _cpu_expert_samples(session: OffloadSession, repeats: int) -> list[tuple[int, float]]:

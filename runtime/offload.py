@@ -173,6 +173,7 @@ class StepRecordRT:
     phase: str
     start_ns: int
     end_ns: int = 0
+    tokens: int = 0  # token rows of the forward (batch x positions)
 
 
 @dataclass
@@ -324,7 +325,8 @@ class OffloadSession:
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         seq = int(ids.shape[1]) if ids is not None and ids.dim() >= 2 else 1
-        self.steps.append(StepRecordRT(len(self.steps), "prefill" if seq > 1 else "decode", time.perf_counter_ns()))
+        rows = int(ids.shape[0]) * seq if ids is not None and ids.dim() >= 2 else 1
+        self.steps.append(StepRecordRT(len(self.steps), "prefill" if seq > 1 else "decode", time.perf_counter_ns(), tokens=rows))
 
     def _step_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.device.type == "cuda":

@@ -85,8 +85,13 @@ class Recorder:
         self.writer = writer
         self.t0 = t0_ns
         self.seq_id = 0
+        self.pending: list[LayerEvent] = []
 
     def on_layer(self, ev: LayerEvent) -> None:
+        """Inside the step: only keep the event (the step's measured time should not include writing)."""
+        self.pending.append(ev)
+
+    def _write_layer(self, ev: LayerEvent) -> None:
         req = ev.request
         plan = ev.plan
         measured = Measured(
@@ -122,6 +127,10 @@ class Recorder:
         )
 
     def on_step(self, st: StepRecordRT) -> None:
+        """After the step's end was taken: write its layer records, then the step record."""
+        for ev in self.pending:
+            self._write_layer(ev)
+        self.pending.clear()
         self.writer.write(
             StepRecord(step=st.step, phase=st.phase, seq_ids=[self.seq_id], latency_ns=max(0, st.end_ns - st.start_ns))  # type: ignore[arg-type]
         )
@@ -143,9 +152,13 @@ def record(
     device: str = "cpu",
     progress: bool = True,
     future: Future | None = None,
+    warmup: bool = True,
+    signals: bool = True,
 ) -> dict[str, Any]:
     """Run the prompts one after another (each a sequence of its own), write the trace, return the
-    session's metrics."""
+    session's metrics. `signals=False` records only what the policy itself reads (no probabilities,
+    look-ahead or importance beyond it): the run then costs what it costs without a recorder, which
+    is what validation measures."""
     import transformers
 
     model, name = load_model(model_name, device=device)
@@ -156,8 +169,10 @@ def record(
     session_kw = {"cache_experts": cache_experts, "cache_per_layer": cache_per_layer, "link": link}
     session = OffloadSession(
         model, policy, **{k: v for k, v in session_kw.items() if v is not None}, name=name, future=future,
-        signals={"probs", "importance"} | ({"lookahead"} if lookahead else set()), lookahead_depth=lookahead,
+        signals=({"probs", "importance"} | ({"lookahead"} if lookahead else set())) if signals else set(),
+        lookahead_depth=lookahead if signals else 0,
     )
+    want = session.signals
     header = Header(
         model=session.spec,
         recording=Recording(
@@ -173,9 +188,13 @@ def record(
             seed=seed,
             start_time=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         ),
-        fields=Fields(probs=True, lookahead=lookahead > 0, importance=True, measured=True, plan=True),
+        fields=Fields(probs="probs" in want, lookahead="lookahead" in want and session.lookahead_depth > 0,
+                      importance="importance" in want, measured=True, plan=True),
     )
     torch.manual_seed(seed)
+    if warmup:  # one untimed forward: first-call costs of the framework are no part of any step
+        with torch.no_grad():
+            model(encode(model, name, prompts[0]).to(device))
     with TraceWriter(out, header) as writer:
         session.install()
         rec = Recorder(writer, session.t0_ns)

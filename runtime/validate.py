@@ -68,7 +68,7 @@ def validate(
     trace = out / "run.jsonl.gz"
     measured = record(
         model, prompts, trace, policy=policy, cache_experts=cache_experts, cache_per_layer=cache_per_layer, link=link,
-        max_new_tokens=max_new_tokens, device=device, progress=progress, future=future,
+        max_new_tokens=max_new_tokens, device=device, progress=progress, future=future, signals=False,
     )
     predicted = replay(trace, policy, CacheConfig(experts=cache_experts, per_layer=cache_per_layer), prof).metrics
     rows = []

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from policies.costs import ComputeCost, CostModel
 from traces.schema import ModelSpec
@@ -62,14 +62,25 @@ class CPUProfile(_Strict):
 
 
 class Cost(_Strict):
-    """t(n) = fixed_s + max(floor_s, per_token_s * n) seconds for n token rows."""
+    """t(n) = fixed_s + max(floor_s, per_token_s * n) seconds for n token rows; or, if `points` are
+    given (measured (n, seconds), ascending n), the piecewise-linear curve through them."""
 
     fixed_s: float = Field(0.0, ge=0)
     per_token_s: float = Field(0.0, ge=0)
     floor_s: float = Field(0.0, ge=0)
+    points: list[tuple[int, float]] = Field(default_factory=list)
+
+    @field_validator("points")
+    @classmethod
+    def _ascending(cls, v: list[tuple[int, float]]) -> list[tuple[int, float]]:
+        if any(n < 1 or t < 0 for n, t in v):
+            raise ValueError("points: token counts must be >= 1 and times >= 0")
+        if any(b[0] <= a[0] for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError("points: token counts must be strictly ascending")
+        return v
 
     def compute_cost(self) -> ComputeCost:
-        return ComputeCost(self.fixed_s, self.per_token_s, self.floor_s)
+        return ComputeCost(self.fixed_s, self.per_token_s, self.floor_s, tuple((int(n), float(t)) for n, t in self.points))
 
 
 class Fit(_Strict):
