@@ -464,6 +464,24 @@ class OffloadSession:
                 self.link.submit(cp)
         return copies
 
+    def preload(self, keys: list[Key] | None = None) -> int:
+        """Fill free slots with experts before a run (a warm start for benchmarks and measurements):
+        copied at once, resident and complete; neither the counters nor the policy count it.
+        Default: every expert, layer by layer, as long as slots are free. Returns how many."""
+        if not self._installed:
+            raise OffloadError("preload() needs an installed session (inside `with offload(...)`)")
+        keys = keys if keys is not None else [(ly.index, e) for ly in self.layers for e in range(int(ly.experts.num_experts))]
+        n = 0
+        for key in keys:
+            if key in self.cache or self.cache.free[self.cache.part(key)] <= 0:
+                continue
+            self.cache.apply_load(key, None)
+            self.cache.complete(key)
+            slot = self.pool.assign(key, None)
+            self.pool.buf[slot].copy_(self.store.buffers[key])
+            n += 1
+        return n
+
     # -- results ------------------------------------------------------------------------------------
     @property
     def metrics(self) -> dict[str, Any]:
