@@ -71,3 +71,19 @@ def test_validate_cli(tmp_path: Path, profile: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "| misses |" in r.stdout and "equal" in r.stdout and "| tpot_s |" in r.stdout
+
+
+@pytest.mark.gpu
+def test_cuda_calibration_and_validation(tmp_path: Path) -> None:
+    """On a CUDA card: calibrate with the real copy stream, then validate: counts equal, and the
+    calibrated link is a plausible PCIe/NVLink rate."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    prof = calibrate("tiny-mixtral", "cuda", device="cuda", repeats=2)
+    p = HardwareProfile.model_validate(prof)
+    assert 0.5 < p.link.h2d_gbps < 1000
+    res = validate("tiny-mixtral", "lru", cache_per_layer=3, link="cuda", profile=p, prompts=["one prompt", "another"],
+                   max_new_tokens=8, out_dir=tmp_path, device="cuda")
+    assert res["counts_equal"], res["rows"]
