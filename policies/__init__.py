@@ -1,6 +1,11 @@
-"""Offloading policies shared by the simulator and the runtime (numpy and pydantic only)."""
+"""Offloading policies shared by the simulator and the runtime (numpy and pydantic only).
 
-from policies import belady, fifo, lfu, lru, rand, static  # noqa: F401  (register the policies)
+Every module of this package that is not part of the core registers its policies when imported;
+all of them are imported here, so a new policy is one new file and nothing else."""
+
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from policies.base import (
     REGISTRY,
     DemandPolicy,
@@ -22,3 +27,8 @@ __all__ = [
     "LayerPlan", "LayerRequest", "Load", "PlanError", "Policy", "PolicySpecError", "apply_plan", "available",
     "make_policy", "parse_spec", "register",
 ]
+
+_CORE = {"base", "cache", "costs", "plan", "request"}
+for _m in sorted(m.name for m in _pkgutil.iter_modules(__path__)):
+    if _m not in _CORE and not _m.startswith("_"):
+        _importlib.import_module(f"policies.{_m}")
