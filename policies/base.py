@@ -94,6 +94,11 @@ class Policy:
             return self.name
         return f"{self.name}({', '.join(f'{k}={_fmt(v)}' for k, v in items.items())})"
 
+    def required_fields(self) -> set[str]:
+        """Trace fields the policy cannot do without (a replay of a trace lacking one is refused);
+        by default everything it `uses`. A policy with a fallback (look-ahead from history) narrows it."""
+        return set(self.uses)
+
     def wants_future(self) -> bool:
         """Whether the engine must pass the future accesses to `reset` (oracles)."""
         return self.needs_future

@@ -74,6 +74,12 @@ def replay(
     model = reader.header.model
     profile = hardware if isinstance(hardware, HardwareProfile) else load_profile(hardware)
     pol = make_policy(policy)
+    missing = sorted(f for f in pol.required_fields() if not getattr(reader.header.fields, f, False))
+    if missing:
+        raise ReplayError(
+            f"{path}: policy {pol.spec!r} needs the trace field(s) {', '.join(missing)}, which this trace does not carry "
+            "(record it with python -m runtime.record)"
+        )
     ca = cache.build(model)
     costs = profile.cost_model(model)
     notes: list[str] = []
