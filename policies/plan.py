@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -78,6 +79,45 @@ class Counters:
     @property
     def hit_rate(self) -> float:
         return (self.hits + self.inflight_hits) / self.accesses if self.accesses else 0.0
+
+    def metrics(self, steps: Sequence[tuple[str, float, float]]) -> dict[str, Any]:
+        """The metrics both engines report the same way, from these counts and the steps' (phase,
+        start, end) in seconds. TTFT: every maximal run of consecutive prefill steps (a prompt's
+        chunks) ends with a first token, so it is the mean duration of those runs; TPOT: the mean
+        decode step."""
+        runs: list[float] = []
+        run_start: float | None = None
+        prev_end = 0.0
+        for phase, start, end in steps:
+            if phase == "prefill" and run_start is None:
+                run_start = start
+            if phase == "decode" and run_start is not None:
+                runs.append(prev_end - run_start)
+                run_start = None
+            prev_end = end
+        if run_start is not None:
+            runs.append(prev_end - run_start)
+        decode = [end - start for phase, start, end in steps if phase == "decode"]
+        mass = self.routed_mass or 1.0
+        return {
+            "layer_calls": self.layer_calls,
+            "steps": len(steps),
+            "prefill_steps": len(steps) - len(decode),
+            "decode_steps": len(decode),
+            "accesses": self.accesses,
+            "hits": self.hits,
+            "inflight_hits": self.inflight_hits,
+            "misses": self.misses,
+            "hit_rate": self.hit_rate,
+            "prefetches": self.prefetches,
+            "wasted_prefetches": self.wasted_prefetches,
+            "cpu_experts": self.cpu_experts,
+            "bytes_h2d": self.bytes_h2d,
+            "ttft_s": sum(runs) / len(runs) if runs else None,
+            "tpot_s": sum(decode) / len(decode) if decode else None,
+            "dropped_mass": self.dropped_mass / mass,
+            "substituted_mass": self.substituted_mass / mass,
+        }
 
 
 def apply_plan(cache: ExpertCache, req: LayerRequest, plan: LayerPlan, counters: Counters, variant_bytes: dict[str, int]) -> None:

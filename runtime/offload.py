@@ -486,46 +486,18 @@ class OffloadSession:
     @property
     def metrics(self) -> dict[str, Any]:
         """The metrics of DESIGN section 5, counted as the simulator counts them (times measured)."""
-        c = self.counters
         steps = [s for s in self.steps if s.end_ns]
-        decode = [s for s in steps if s.phase == "decode"]
-        runs: list[float] = []
-        start: int | None = None
-        prev_end = 0
-        for s in steps:
-            if s.phase == "prefill" and start is None:
-                start = s.start_ns
-            if s.phase == "decode" and start is not None:
-                runs.append((prev_end - start) / 1e9)
-                start = None
-            prev_end = s.end_ns
-        if start is not None:
-            runs.append((prev_end - start) / 1e9)
+        m = self.counters.metrics([(s.phase, s.start_ns / 1e9, s.end_ns / 1e9) for s in steps])
         end = getattr(self, "t1_ns", None) or time.perf_counter_ns()
         total = (end - self.t0_ns) / 1e9
-        mass = c.routed_mass or 1.0
-        return {
-            "layer_calls": c.layer_calls,
-            "steps": len(steps),
-            "prefill_steps": len(steps) - len(decode),
-            "decode_steps": len(decode),
-            "accesses": c.accesses,
-            "hits": c.hits,
-            "inflight_hits": c.inflight_hits,
-            "misses": c.misses,
-            "hit_rate": c.hit_rate,
-            "prefetches": c.prefetches,
-            "wasted_prefetches": c.wasted_prefetches,
-            "cpu_experts": c.cpu_experts,
-            "bytes_h2d": c.bytes_h2d,
-            "stall_s": self.stall_ns / 1e9,
-            "ttft_s": sum(runs) / len(runs) if runs else None,
-            "tpot_s": sum((s.end_ns - s.start_ns) for s in decode) / len(decode) / 1e9 if decode else None,
-            "total_s": total,
-            "link_busy_frac": (self.link.busy_ns / 1e9 / total) if total > 0 and self.link.kind == "emulated" else None,
-            "dropped_mass": c.dropped_mass / mass,
-            "substituted_mass": c.substituted_mass / mass,
-        }
+        m.update(
+            {
+                "stall_s": self.stall_ns / 1e9,
+                "total_s": total,
+                "link_busy_frac": (self.link.busy_ns / 1e9 / total) if total > 0 and self.link.kind == "emulated" else None,
+            }
+        )
+        return m
 
 
 def _expert_math(experts: nn.Module, w: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:

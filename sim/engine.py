@@ -134,47 +134,18 @@ class SimResult:
     copy_engines: int
 
     def metrics(self) -> dict[str, Any]:
-        c = self.counters
-        prefill = [s for s in self.steps if s.phase == "prefill"]
-        decode = [s for s in self.steps if s.phase == "decode"]
-        # TTFT: every maximal run of consecutive prefill steps (a prompt's chunks) ends with a first token
-        runs: list[float] = []
-        run_start: float | None = None
-        prev_end = 0.0
-        for s in self.steps:
-            if s.phase == "prefill" and run_start is None:
-                run_start = s.start
-            if s.phase == "decode" and run_start is not None:
-                runs.append(prev_end - run_start)
-                run_start = None
-            prev_end = s.end
-        if run_start is not None:
-            runs.append(prev_end - run_start)
-        mass = c.routed_mass or 1.0
-        return {
-            "layer_calls": c.layer_calls,
-            "steps": len(self.steps),
-            "prefill_steps": len(prefill),
-            "decode_steps": len(decode),
-            "accesses": c.accesses,
-            "hits": c.hits,
-            "inflight_hits": c.inflight_hits,
-            "misses": c.misses,
-            "hit_rate": c.hit_rate,
-            "prefetches": c.prefetches,
-            "wasted_prefetches": c.wasted_prefetches,
-            "cpu_experts": c.cpu_experts,
-            "bytes_h2d": c.bytes_h2d,
-            "stall_s": self.stall_s,
-            "cpu_wait_s": self.cpu_wait_s,
-            "ttft_s": sum(runs) / len(runs) if runs else None,
-            "tpot_s": sum(s.end - s.start for s in decode) / len(decode) if decode else None,
-            "total_s": self.makespan_s,
-            "gpu_busy_frac": self.gpu_busy_s / self.makespan_s if self.makespan_s else 0.0,
-            "link_busy_frac": self.link_busy_s / (self.copy_engines * self.makespan_s) if self.makespan_s else 0.0,
-            "dropped_mass": c.dropped_mass / mass,
-            "substituted_mass": c.substituted_mass / mass,
-        }
+        m = self.counters.metrics([(s.phase, s.start, s.end) for s in self.steps])
+        span = self.makespan_s
+        m.update(
+            {
+                "stall_s": self.stall_s,
+                "cpu_wait_s": self.cpu_wait_s,
+                "total_s": span,
+                "gpu_busy_frac": self.gpu_busy_s / span if span else 0.0,
+                "link_busy_frac": self.link_busy_s / (self.copy_engines * span) if span else 0.0,
+            }
+        )
+        return m
 
 
 class Simulation:
