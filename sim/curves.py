@@ -53,6 +53,7 @@ from policies import CacheError, Counters, LayerRequest, PolicySpecError, apply_
 from policies.base import Future
 from sim.config import CacheConfig
 from sim.replay import file_digest
+from traces.cli import OneLineParser
 from traces.io import TraceError, TraceReader, write_text_atomic
 from traces.schema import LayerRecord, ModelSpec
 
@@ -596,13 +597,8 @@ def write_html(res: Curves, path: str | os.PathLike[str]) -> None:
 
 
 # -- CLI --------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m sim.curves", description="LRU, Belady and compulsory hit-rate curves over every cache size.")
+    p = OneLineParser(prog="python -m sim.curves", description="LRU, Belady and compulsory hit-rate curves over every cache size.")
     p.add_argument("trace", help="trace file (.jsonl or .jsonl.gz)")
     p.add_argument("--partition", choices=["global", "per_layer"], default="global",
                    help="one cache shared by all layers (size = slots) or one per layer (size = slots per layer)")
