@@ -17,7 +17,6 @@ a converter that skipped bad rows would make traces that silently disagree with 
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from traces.cli import OneLineParser
 from traces.io import TraceError, TraceWriter
 from traces.models import PRESETS, model_preset
 from traces.schema import Header, LayerRecord, ModelSpec, Recording, StepRecord
@@ -216,7 +216,7 @@ def convert_vllm_routing(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m traces.convert", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m traces.convert", description=__doc__.splitlines()[0])
     parser.add_argument("input", metavar="IN", type=Path, help="routing log (.jsonl or .jsonl.gz)")
     parser.add_argument("--from", dest="fmt", required=True, choices=FORMATS, help="format of IN")
     parser.add_argument("--model", required=True, choices=sorted(PRESETS), help="model preset for the header")

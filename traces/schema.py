@@ -196,9 +196,9 @@ def json_schema() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from traces.cli import OneLineParser  # here: the schema module stays free of other imports
 
-    parser = argparse.ArgumentParser(prog="python -m traces.schema", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m traces.schema", description=__doc__.splitlines()[0])
     parser.parse_args(argv)
     json.dump(json_schema(), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")

@@ -22,7 +22,6 @@ Streaming: memory holds per-(layer, expert) counters and a histogram of distance
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from traces.cli import OneLineParser
 from traces.io import TraceError, TraceReader
 from traces.schema import LayerRecord
 
@@ -182,7 +182,7 @@ def render(s: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m traces.stats", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m traces.stats", description=__doc__.splitlines()[0])
     parser.add_argument("trace", type=Path, metavar="TRACE")
     parser.add_argument("--json", action="store_true", help="print one JSON object (sorted keys)")
     parser.add_argument("--allow-truncated", action="store_true", help="accept a trace without a footer")
