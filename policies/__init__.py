@@ -10,6 +10,7 @@ from policies.base import (
     REGISTRY,
     DemandPolicy,
     Future,
+    Modifier,
     Policy,
     PolicySpecError,
     available,
@@ -24,7 +25,7 @@ from policies.request import Key, LayerRequest
 
 __all__ = [
     "REGISTRY", "CacheError", "ComputeCost", "CostModel", "Counters", "DemandPolicy", "ExpertCache", "Future", "Key",
-    "LayerPlan", "LayerRequest", "Load", "PlanError", "Policy", "PolicySpecError", "apply_plan", "available",
+    "LayerPlan", "LayerRequest", "Load", "Modifier", "PlanError", "Policy", "PolicySpecError", "apply_plan", "available",
     "make_policy", "parse_spec", "register",
 ]
 

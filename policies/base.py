@@ -115,6 +115,11 @@ class Policy:
     def observe(self, step_end: Any) -> None:
         """Called after every forward step; for policies that learn across steps."""
 
+    def notes(self) -> list[str]:
+        """One-line remarks on how the run went that a result should mention (a look-ahead that fell
+        back to its history predictor, ...); `sim.replay` prints them after the run."""
+        return []
+
     # -- shared planning helpers --------------------------------------------------------------------
     def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
         """This policy's eviction choice among the partition's resident keys outside `exclude`
@@ -208,6 +213,66 @@ class DemandPolicy(Policy):
         hits = [k for k in need if k in resident]
         loads = self.make_room(cache, misses, set(need), hits)
         return LayerPlan(execute=need, order=hits + misses, loads=loads)
+
+
+class Modifier(Policy):
+    """A policy that composes after '+' (`lru+lookahead`, `lfu+fiddler`): it wraps the policy before
+    it, its *base* (a replacement policy or another modifier), and adds to or changes the base's plans.
+
+    Everything the modifier does not decide itself goes to the base, once, here: eviction choices
+    (`victim`, hence `make_room` picks the base's victims), `reset`, `observe`, the trace fields and
+    the look-ahead depth it needs, whether it needs the future, and its notes. The composite is lossy
+    if either part is. A modifier given alone wraps `default_base` (`fiddler` is `lru+fiddler`).
+
+    A subclass sets `Params` and overrides `plan`, usually as `plan = self.base.plan(req, cache)` and
+    then changes to that plan; state it keeps must be built in `reset` (call `super().reset` first).
+    """
+
+    wraps = True
+    default_base: ClassVar[str | None] = "lru"
+
+    def __init__(self, params: BaseModel | None = None, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self._base: Policy | None = None
+
+    @property
+    def base(self) -> Policy:
+        if self._base is None:
+            raise PolicySpecError(f"{self.name!r} is a modifier: wrap a replacement policy first, e.g. 'lru+{self.name}'")
+        return self._base
+
+    def wrap(self, base: Policy) -> None:
+        self._base = base
+        # instance attributes shadow the class-level declarations: what the composite reads and needs
+        self.uses = frozenset(self.uses) | base.uses
+        self.lookahead_depth = max(self.lookahead_depth, base.lookahead_depth)
+        self.lossless = type(self).lossless and base.lossless
+
+    @property
+    def spec(self) -> str:
+        return f"{self.base.spec}+{Policy.spec.fget(self)}"  # type: ignore[attr-defined]
+
+    def required_fields(self) -> set[str]:
+        return set(type(self).uses) | self.base.required_fields()
+
+    def wants_future(self) -> bool:
+        return self.needs_future or self.base.wants_future()
+
+    def reset(self, model: ModelSpec, cache: ExpertCache, costs: CostModel | None, future: Future | None = None) -> None:
+        super().reset(model, cache, costs, future)
+        self.base.reset(model, cache, costs, future)
+
+    def plan(self, req: LayerRequest, cache: ExpertCache) -> LayerPlan:
+        return self.base.plan(req, cache)
+
+    def observe(self, step_end: Any) -> None:
+        self.base.observe(step_end)
+
+    def notes(self) -> list[str]:
+        return self.base.notes()
+
+    def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
+        return self.base.victim(cache, part, exclude)
 
 
 # -- registry ---------------------------------------------------------------------------------------
@@ -304,7 +369,12 @@ def make_policy(spec: str) -> Policy:
     policy = _build(first_name, first_params)
     assert isinstance(policy, Policy)
     if policy.wraps:
-        raise PolicySpecError(f"{first_name!r} is a modifier: put it after a replacement policy, e.g. 'lru+{first_name}'")
+        default = getattr(policy, "default_base", None)
+        if default is None:
+            raise PolicySpecError(f"{first_name!r} is a modifier: put it after a replacement policy, e.g. 'lru+{first_name}'")
+        base = _build(default, {})
+        assert isinstance(base, Policy)
+        policy.wrap(base)  # type: ignore[attr-defined]
     for name, params in parts[1:]:
         mod = _build(name, params)
         assert isinstance(mod, Policy)

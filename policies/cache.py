@@ -94,7 +94,7 @@ class ExpertCache:
     def apply_load(self, key: Key, victim: Key | None, variant: str = "full", prefetch: bool = False) -> bool:
         """Put `key` in a slot, evicting `victim` first. Returns True if the victim was an unused prefetch."""
         resident = self.resident
-        if key in resident:
+        if key in resident and victim != key:  # victim == key: a new variant in the same slot
             raise CacheError(f"plan loads {key}, which is already resident")
         part = 0 if self._global else key[0]
         wasted = False

@@ -4,6 +4,7 @@ simulator and the runtime). Engines derive it from a hardware profile at `reset`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +60,40 @@ class CostModel:
 
     def dense_s(self, tokens: int) -> float:
         return self.dense(tokens)
+
+
+# bits per weight of the dtypes a trace header names (`ModelSpec.dtype`); others count as 16
+DTYPE_BITS = {"fp64": 64, "fp32": 32, "float32": 32, "tf32": 32, "bf16": 16, "bfloat16": 16, "fp16": 16, "float16": 16,
+              "fp8": 8, "int8": 8, "int4": 4}
+
+
+def dtype_bits(dtype: str) -> int:
+    return DTYPE_BITS.get(dtype.lower(), 16)
+
+
+def variant_bits(model: Any, policy: object | None = None) -> dict[str, int]:
+    """Low-precision variants a policy loads, name -> bits per weight: what its `variants(model)`
+    declares, or, for a composed policy (`hobbit+lookahead`), what the policies it wraps declare."""
+    out: dict[str, int] = {}
+    seen = 0
+    while policy is not None and seen < 16:
+        variants = getattr(policy, "variants", None)
+        if callable(variants):
+            out.update({k: v for k, v in variants(model).items() if k not in out})
+        policy = getattr(policy, "_base", None)  # a modifier's wrapped policy
+        seen += 1
+    return out
+
+
+def variant_bytes(model: Any, policy: object | None = None) -> dict[str, int]:
+    """Bytes of one expert per variant, the one definition both engines use (the simulator's
+    `CostModel` and the runtime's, hence `bytes_h2d` in both): `full` is the header's
+    `expert_bytes`; a policy that loads low-precision copies declares them (`variant_bits`), and
+    such a copy counts `expert_bytes x bits / dtype bits` (bits/16 for bf16 experts, bits/32 for
+    the fp32 tiny models). The nominal size: the quantisation scales the runtime also moves (a
+    float16 scale per 64 weights at 4 bits, 1/16 more; per output channel at 8 bits) are not counted."""
+    out = {"full": int(model.expert_bytes)}
+    full_bits = dtype_bits(model.dtype)
+    for name, bits in variant_bits(model, policy).items():
+        out[name] = int(model.expert_bytes) * int(bits) // full_bits
+    return out

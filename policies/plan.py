@@ -22,7 +22,8 @@ class PlanError(CacheError):
 
 @dataclass(slots=True)
 class Load:
-    """Copy `key` into a slot, in place of `victim` (None: a free slot).
+    """Copy `key` into a slot, in place of `victim` (None: a free slot; `key` itself: replace the
+    resident copy in its own slot by another variant, e.g. a `low` copy upgraded to `full`).
 
     The copy may start only when the victim's slot is released: after the victim's own load and after
     its compute in the current call, if the call uses it.
@@ -133,7 +134,7 @@ def apply_plan(cache: ExpertCache, req: LayerRequest, plan: LayerPlan, counters:
             raise PlanError(f"layer {req.layer} step {req.step}: plan loads an expert twice")
         for key in plan.execute:
             if key in loading:
-                if key in resident:
+                if key in resident and not any(ld.key == key and ld.victim == key for ld in loads):
                     raise PlanError(f"layer {req.layer} step {req.step}: plan loads {key}, which is already resident")
             elif key in inflight:
                 inflight_hits += 1

@@ -15,6 +15,7 @@ import itertools
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,7 @@ class Copy:
     dst: torch.Tensor
     urgent: bool
     wait: list[Any] = field(default_factory=list)  # what must finish before the slot may be written
+    post: Callable[[], None] | None = None  # device work after the bytes landed (dequantising a low copy)
     done: Any = None  # threading.Event (emulated) or torch.cuda.Event (cuda)
     start_ns: int = 0
     end_ns: int = 0
@@ -90,6 +92,7 @@ class EmulatedLink:
         self._closed = False
         self.busy_ns = 0
         self.copies = 0
+        self.bytes_moved = 0  # what really crossed the link (a low-precision copy: its quantised bytes)
         self._thread = threading.Thread(target=self._run, name="moe-offload-link", daemon=True)
         self._thread.start()
 
@@ -107,29 +110,73 @@ class EmulatedLink:
         return copy.done.is_set()
 
     def _run(self) -> None:
+        # Copies whose slot is still in use (the compute of its previous occupant in the current call
+        # not done) are parked: off the queue, not holding the link, so that what can be copied is
+        # copied meanwhile (a prefetch the compute waits for, say); once the slot is free a parked
+        # copy goes back to its old place in the queue. The simulator's copy engines do the same.
+        parked: list[tuple[int, int, Copy]] = []
         while True:
             with self._cv:
-                while not self._heap and not self._closed:
-                    self._cv.wait()
-                if self._closed and not self._heap:
-                    return
-                copy = heapq.heappop(self._heap)[2]
-            for ev in copy.wait:
-                ev.wait()
-            start = time.perf_counter_ns()
-            copy.dst.copy_(copy.src)
-            target = start + int((self.spec.latency_s + copy.nbytes / self.spec.bandwidth_Bps) * 1e9)
-            _sleep_until(target)
-            copy.start_ns, copy.end_ns = start, time.perf_counter_ns()
-            self.busy_ns += copy.end_ns - start
-            self.copies += 1
-            copy.done.set()
+                while True:
+                    ready = [p for p in parked if all(ev.is_set() for ev in p[2].wait)]
+                    best = min(ready, key=lambda p: p[:2]) if ready else None
+                    if best is not None and (not self._heap or best[:2] < self._heap[0][:2]):
+                        parked.remove(best)
+                        entry = best
+                        break
+                    if self._heap:
+                        entry = heapq.heappop(self._heap)
+                        break
+                    if self._closed:
+                        return
+                    self._cv.wait(timeout=_POLL_S if parked else None)  # a submit, or a slot freed
+                # a copy whose slot's previous copy is still queued (an urgent load evicted a
+                # prefetch that has not started) would wait behind a copy it outranks: that one
+                # goes first, and this one back to its place
+                run = entry
+                while (dep := self._take_queued(run[2].wait)) is not None:
+                    heapq.heappush(self._heap, run)
+                    run = dep
+                if not all(ev.is_set() for ev in run[2].wait):
+                    parked.append(run)
+                    continue
+            self._copy(run[2])
+
+    def _take_queued(self, events: list[Any]) -> tuple[int, int, Copy] | None:
+        """The queued copy (taken off the queue, with its place) whose landing one of `events` is."""
+        for ev in events:
+            if isinstance(ev, threading.Event) and not ev.is_set():
+                for i, entry in enumerate(self._heap):
+                    if entry[2].done is ev:
+                        self._heap[i] = self._heap[-1]
+                        self._heap.pop()
+                        heapq.heapify(self._heap)
+                        return entry
+        return None
+
+    def _copy(self, copy: Copy) -> None:
+        for ev in copy.wait:
+            ev.wait()
+        start = time.perf_counter_ns()
+        copy.dst.copy_(copy.src)
+        if copy.post is not None:
+            copy.post()
+        target = start + int((self.spec.latency_s + copy.nbytes / self.spec.bandwidth_Bps) * 1e9)
+        _sleep_until(target)
+        copy.start_ns, copy.end_ns = start, time.perf_counter_ns()
+        self.busy_ns += copy.end_ns - start
+        self.copies += 1
+        self.bytes_moved += copy.nbytes
+        copy.done.set()
 
     def close(self) -> None:
         with self._cv:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=10)
+
+
+_POLL_S = 50e-6  # how often the copy thread looks whether a parked copy's slot was freed
 
 
 def _sleep_until(target_ns: int) -> None:
@@ -157,6 +204,7 @@ class CudaLink:
         self.urgent_stream = torch.cuda.Stream(device=device, priority=hi)
         self.prefetch_stream = torch.cuda.Stream(device=device, priority=lo)
         self.copies = 0
+        self.bytes_moved = 0
         self.busy_ns = 0  # not measured per copy on CUDA (that would need a host sync)
 
     def submit(self, copy: Copy) -> None:
@@ -165,9 +213,12 @@ class CudaLink:
             stream.wait_event(ev)
         with torch.cuda.stream(stream):
             copy.dst.copy_(copy.src, non_blocking=True)
+            if copy.post is not None:  # on the copy stream, before the copy's event
+                copy.post()
             copy.done = torch.cuda.Event()
             copy.done.record(stream)
         self.copies += 1
+        self.bytes_moved += copy.nbytes
 
     def wait(self, copy: Copy) -> None:
         """Make the compute stream (not the host) wait for the copy."""

@@ -9,11 +9,13 @@ transformers' eager path does, so a lossless policy changes no bit of the output
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -32,8 +34,9 @@ from policies import (
     apply_plan,
     make_policy,
 )
-from policies.costs import ComputeCost
+from policies.costs import ComputeCost, variant_bits, variant_bytes
 from runtime.links import Copy, CudaLink, EmulatedLink, LinkSpec, make_link, parse_link
+from runtime.quant import Quantizer
 from runtime.signals import RouterTap, importance_of, lookahead_of, probs_of
 from traces.schema import ModelSpec
 
@@ -120,9 +123,11 @@ def model_spec(model: nn.Module, layers: list[MoELayer] | None = None, name: str
 
 # -- the two tiers -----------------------------------------------------------------------------------
 class ExpertStore:
-    """The slow tier: every routed expert's weights in one contiguous CPU buffer (pinned for CUDA)."""
+    """The slow tier: every routed expert's weights in one contiguous CPU buffer (pinned for CUDA),
+    and, for a policy that loads low-precision copies (`low_bits`), each expert quantised as well
+    (`low`: one byte buffer per expert, see `runtime.quant`)."""
 
-    def __init__(self, layers: list[MoELayer], pin: bool):
+    def __init__(self, layers: list[MoELayer], pin: bool, low_bits: int | None = None):
         ex = layers[0].experts
         self.parts = _expert_parts(ex)
         self.shapes = [tuple(getattr(ex, p).shape[1:]) for p in self.parts]
@@ -130,6 +135,8 @@ class ExpertStore:
         self.numel = sum(self.sizes)
         self.dtype = getattr(ex, self.parts[0]).dtype
         self.buffers: dict[Key, torch.Tensor] = {}
+        self.low: dict[Key, torch.Tensor] = {}
+        self.quantizer = Quantizer(self.shapes, self.dtype, low_bits, bool(ex.is_transposed)) if low_bits else None
         for ly in layers:
             if [tuple(getattr(ly.experts, p).shape[1:]) for p in self.parts] != self.shapes:
                 raise OffloadError(f"experts of {ly.name} differ in shape from the first MoE layer's: slots must be uniform")
@@ -141,6 +148,8 @@ class ExpertStore:
                     buf[off : off + n].copy_(t[e].reshape(-1))
                     off += n
                 self.buffers[(ly.index, e)] = buf
+                if self.quantizer is not None:
+                    self.low[(ly.index, e)] = self.quantizer.quantize(self.views(buf), pin=pin)
 
     def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
         out, off = [], 0
@@ -151,11 +160,16 @@ class ExpertStore:
 
 
 class SlotPool:
-    """The fast tier: `capacity` expert slots allocated once on the device."""
+    """The fast tier: `capacity` expert slots allocated once on the device. Every slot is full-size
+    whatever variant it holds (`variant`); with low-precision copies each slot also has a staging
+    buffer that the quantised bytes land in before they are dequantised into the slot."""
 
     def __init__(self, capacity: int, store: ExpertStore, device: torch.device):
         self.buf = torch.empty(capacity, store.numel, dtype=store.dtype, device=device)
         self.views = [store.views(self.buf[i]) for i in range(capacity)]
+        self.variant: list[str] = ["full"] * capacity
+        q = store.quantizer
+        self.stage = torch.empty(capacity, q.nbytes, dtype=torch.uint8, device=device) if q is not None else None
         self.free = list(range(capacity - 1, -1, -1))
         self.slot_of: dict[Key, int] = {}
         self.last_reader: dict[int, Any] = {}  # slot -> CUDA event after the last compute that read it
@@ -249,7 +263,14 @@ class OffloadSession:
             raise OffloadError(
                 f"policy {self.policy.name!r} is an oracle: the runtime runs it only with the trace of the very run it repeats"
             )
+        # bytes per variant from the one function the simulator uses too, so bytes_h2d agree
+        vb = variant_bytes(self.spec, self.policy)
+        if set(vb) - {"full", "low"}:
+            raise OffloadError(f"the runtime moves experts as 'full' or 'low' copies; policy {self.policy.name!r} wants {sorted(vb)}")
+        self.low_bits: int | None = variant_bits(self.spec, self.policy).get("low")
         self.costs = costs or _link_costs(self.spec, self.link_spec)
+        if self.costs.variant_bytes != vb:
+            self.costs = dataclasses.replace(self.costs, variant_bytes=vb)
         self.future = future
         self.on_layer = on_layer
         # what the requests carry beyond the routing: what the policy reads, and what the caller asks
@@ -273,7 +294,7 @@ class OffloadSession:
 
         if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
             ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _offloaded_experts_forward)
-        self.store = ExpertStore(self.layers, pin=self.device.type == "cuda")
+        self.store = ExpertStore(self.layers, pin=self.device.type == "cuda", low_bits=self.low_bits)
         self.pool = SlotPool(self.cache.capacity, self.store, self.device)
         self.link: EmulatedLink | CudaLink = make_link(self.link_spec, self.device)
         for ly in self.layers:
@@ -452,10 +473,18 @@ class OffloadSession:
                 slot_for.setdefault(ld.key, slot)
                 if cuda and slot in self.pool.last_reader:
                     wait.append(self.pool.last_reader[slot])
-                cp = Copy(ld.key, self.store.buffers[ld.key], self.pool.buf[slot], urgent, wait)
+                self.pool.variant[slot] = ld.variant
+                if ld.variant == "low":  # the quantised bytes cross the link, then become the slot's weights
+                    assert self.store.quantizer is not None and self.pool.stage is not None
+                    stage = self.pool.stage[slot]
+                    cp = Copy(ld.key, self.store.low[ld.key], stage, urgent, wait,
+                              post=partial(self.store.quantizer.dequantize, stage, self.pool.views[slot]))
+                else:
+                    cp = Copy(ld.key, self.store.buffers[ld.key], self.pool.buf[slot], urgent, wait)
                 self._pending[ld.key] = cp
                 copies.append(cp)
-                if ld.victim is not None and ld.victim in need:  # the slot is reused inside this call
+                # the slot is reused inside this call (a new variant of the same expert is not: it runs after its copy)
+                if ld.victim is not None and ld.victim != ld.key and ld.victim in need:
                     if cuda:
                         self._deferred.setdefault(ld.victim, []).append(cp)
                         continue
@@ -479,6 +508,7 @@ class OffloadSession:
             self.cache.complete(key)
             slot = self.pool.assign(key, None)
             self.pool.buf[slot].copy_(self.store.buffers[key])
+            self.pool.variant[slot] = "full"
             n += 1
         return n
 

@@ -16,20 +16,20 @@ import datetime as _dt
 import json
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from policies import Future, PolicySpecError
+from policies import CostModel, Future, PolicySpecError
 from runtime.links import LinkError
 from runtime.models import ModelError, load_model
-from runtime.offload import LayerEvent, OffloadError, OffloadSession, StepRecordRT
+from runtime.offload import LayerEvent, OffloadError, OffloadSession, StepRecordRT, model_spec
 from traces.cli import OneLineParser
 from traces.io import TraceWriter
-from traces.schema import ExpertLoad, Fields, Header, LayerRecord, Measured, Recording, StepRecord
+from traces.schema import ExpertLoad, Fields, Header, LayerRecord, Measured, ModelSpec, Recording, StepRecord
 
 TOOL_VERSION = "0.1.0"
 
@@ -154,11 +154,17 @@ def record(
     future: Future | None = None,
     warmup: bool = True,
     signals: bool = True,
+    costs: CostModel | Callable[[ModelSpec], CostModel] | None = None,
 ) -> dict[str, Any]:
     """Run the prompts one after another (each a sequence of its own), write the trace, return the
     session's metrics. `signals=False` records only what the policy itself reads (no probabilities,
     look-ahead or importance beyond it): the run then costs what it costs without a recorder, which
-    is what validation measures."""
+    is what validation measures.
+
+    `costs` is the cost model the policy gets at `reset` (policies that weigh costs, such as
+    `fiddler`, need the one the simulator will use): a `CostModel`, or a function of the run's
+    `ModelSpec` that returns one (`runtime.validate` passes the profile's `cost_model`). Default: the link's
+    transfer costs only, no compute costs."""
     import transformers
 
     model, name = load_model(model_name, device=device)
@@ -167,10 +173,12 @@ def record(
         if cache_experts is None and cache_per_layer is None:
             cache_per_layer = int(next(m for m in model.modules() if hasattr(m, "has_gate")).num_experts)
     session_kw = {"cache_experts": cache_experts, "cache_per_layer": cache_per_layer, "link": link}
+    if callable(costs):
+        costs = costs(model_spec(model, name=name))
     session = OffloadSession(
         model, policy, **{k: v for k, v in session_kw.items() if v is not None}, name=name, future=future,
         signals=({"probs", "importance"} | ({"lookahead"} if lookahead else set())) if signals else set(),
-        lookahead_depth=lookahead if signals else 0,
+        lookahead_depth=lookahead if signals else 0, costs=costs,
     )
     want = session.signals
     header = Header(

@@ -5,8 +5,10 @@ two side by side.
     python -m runtime.validate --model M --policy SPEC (--cache-experts N | --cache-per-layer K)
         --link L [--profile profile.json] [--prompts FILE] [--max-new-tokens N] [--out-dir DIR]
 
-Hits, misses and bytes must be equal (the engines share the policy object's decisions and the
-counting); TTFT and TPOT are reported with the prediction's relative error. This is the one module
+Accesses, misses, prefetches, CPU experts, bytes and dropped/substituted mass must be equal (the
+engines share the policy object's decisions and the counting; the policy gets the profile's cost
+model in both); how hits split between landed and in-flight experts is timing and is only reported;
+TTFT and TPOT are reported with the prediction's relative error. This is the one module
 of the runtime that calls into the simulator (`sim`, never `simpy` itself).
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from policies import Future, PolicySpecError, make_policy
+from policies.costs import variant_bytes
 from runtime.calibrate import calibrate
 from runtime.links import LinkError
 from runtime.models import ModelError
@@ -29,7 +32,12 @@ from sim.replay import replay
 from traces.cli import OneLineParser
 from traces.io import TraceError, write_text_atomic
 
-EXACT = ("accesses", "hits", "inflight_hits", "misses", "bytes_h2d", "layer_calls", "steps")
+# what the policy decided: equal in both engines (hits + inflight_hits = accesses - misses is, too)
+EXACT = ("accesses", "misses", "prefetches", "wasted_prefetches", "cpu_experts", "bytes_h2d", "dropped_mass",
+         "substituted_mass", "layer_calls", "steps")
+# how the resident accesses split between landed and still-copying experts: timing, so it may differ
+# between the engines when a policy prefetches (demand policies have no in-flight hits in either)
+SPLIT = ("hits", "inflight_hits")
 TIMED = ("ttft_s", "tpot_s")
 DEFAULT_PROMPTS = [
     "Mixture-of-experts models route every token to a few experts.",
@@ -61,7 +69,8 @@ def validate(
         profile = str(prof_path)
     prof = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
     future = None
-    if make_policy(policy).wants_future():  # an oracle repeats an exact run: record that first
+    pol = make_policy(policy)
+    if pol.wants_future():  # an oracle repeats an exact run: record that first
         exact = out / "exact.jsonl.gz"
         record(model, prompts, exact, link=link, max_new_tokens=max_new_tokens, device=device, progress=progress)
         future = Future.from_trace(exact)
@@ -69,10 +78,11 @@ def validate(
     measured = record(
         model, prompts, trace, policy=policy, cache_experts=cache_experts, cache_per_layer=cache_per_layer, link=link,
         max_new_tokens=max_new_tokens, device=device, progress=progress, future=future, signals=False,
+        costs=lambda spec: prof.cost_model(spec, variant_bytes(spec, pol)),  # what sim.replay gives the policy
     )
     predicted = replay(trace, policy, CacheConfig(experts=cache_experts, per_layer=cache_per_layer), prof).metrics
     rows = []
-    for key in EXACT + TIMED:
+    for key in EXACT + SPLIT + TIMED:
         m, p = measured.get(key), predicted.get(key)
         err = None
         if key in TIMED and m and p is not None:
@@ -100,14 +110,21 @@ def table(result: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
-        def fmt(x: Any) -> str:
+        def fmt(x: Any, metric: str = r["metric"]) -> str:
             if x is None:
                 return "n/a"
-            if isinstance(x, float):
+            if metric in TIMED:
                 return f"{x * 1e3:.3f} ms"
+            if isinstance(x, float):  # a fraction of the routing weight
+                return f"{x:.6f}"
             return str(x)
 
-        err = "equal" if r["equal"] else ("DIFFERENT" if r["equal"] is False else (f"{r['rel_error']:+.1%}" if r["rel_error"] is not None else "n/a"))
+        if r["equal"] is not None:
+            err = "equal" if r["equal"] else "DIFFERENT"
+        elif r["metric"] in SPLIT:
+            err = "timing split"
+        else:
+            err = f"{r['rel_error']:+.1%}" if r["rel_error"] is not None else "n/a"
         lines.append(f"| {r['metric']} | {fmt(r['measured'])} | {fmt(r['predicted'])} | {err} |")
     return "\n".join(lines)
 

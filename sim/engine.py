@@ -8,7 +8,7 @@ Hardware is modelled as SimPy processes and resources named for what they are:
 - `h2d_engine`: the copy engine(s), fed by a priority queue (urgent loads before prefetches, FIFO
   within each class, a started copy never pre-empted). A copy into a slot first waits for the slot's
   previous occupant to be released: its own copy done, and its compute done if the current call
-  uses it.
+  uses it; it waits off the queue, so the engines copy something else meanwhile.
 - `cpu`: a resource for experts the plan runs on the host (Fiddler-style).
 
 The policy sees the cache at plan time (after the layer's dense part: the router decides then);
@@ -104,6 +104,10 @@ class _Transfer:
     copy: simpy.Event | None = None  # the Timeout, once the copy has started
     end: float | None = None  # when it lands, once started
     waiter: simpy.Event | None = None  # for whoever must wait before it has started
+    dep: _Transfer | None = None  # the copy out of this one's slot (its victim's), if it was still in flight
+    state: str = "queued"  # "queued", "parked" (off the queue until its slot is free) or "taken" (started)
+    prio: int = 0  # its place in the copy queue: (prio, seq)
+    seq: int = 0
 
     def event(self, env: simpy.Environment) -> simpy.Event:
         """An event that fires when the copy lands."""
@@ -165,7 +169,7 @@ class Simulation:
         self.env = simpy.Environment()
         self.counters = Counters()
         # the copy queue: (priority, seq, transfer) in a heap; `_h2d_free` lists idle engines
-        self.h2d_queue: list[tuple[int, int, _Transfer]] = []
+        self.h2d_queue: list[tuple[int, int, int, _Transfer]] = []  # (prio, seq, tiebreak, transfer)
         self._h2d_free: list[int] = list(range(copy_engines))
         self.cpu = simpy.Resource(self.env, capacity=1)
         self.copy_engines = copy_engines
@@ -181,24 +185,50 @@ class Simulation:
     # -- the copy engines ---------------------------------------------------------------------------
     # A server in SimPy's own style (as its resources are built): a started copy is a Timeout whose
     # callback finishes it and starts the next, so an uncontended copy costs one event.
+    def _push(self, tr: _Transfer, prio: int | None = None) -> None:
+        """Queue a copy: a new one at the end of its class, a parked one back at its old place."""
+        if prio is not None:
+            tr.prio, tr.seq = prio, next(self._seq)
+        tr.state = "queued"
+        heapq.heappush(self.h2d_queue, (tr.prio, tr.seq, next(self._seq), tr))
+
     def _h2d_start(self, at: float | None = None) -> None:
         while self._h2d_free and self.h2d_queue:
-            tr = heapq.heappop(self.h2d_queue)[2]
-            self._h2d_free.sort()
-            lane = self._h2d_free.pop(0)
+            entry = heapq.heappop(self.h2d_queue)
+            tr = entry[3]
+            if tr.state != "queued":  # a stale entry: the copy was taken along by one into its slot (below)
+                continue
+            # A copy whose slot's previous copy is still queued (an urgent load evicted a prefetch that
+            # has not started) would wait behind a copy it outranks: that copy goes first, on this
+            # engine, and this one goes back to its place.
+            run = tr
+            while run.dep is not None and run.dep.state == "queued":
+                run = run.dep
+            if run is not tr:
+                heapq.heappush(self.h2d_queue, entry)
+                tr = run
             pending = [ev for ev in tr.wait if not ev.processed]
-            if pending:  # the slot is not free yet: this engine holds the copy until it is
-                self._h2d_after(tr, lane, pending)
-            else:
-                self._h2d_begin(tr, lane, self.env.now if at is None else at)
+            if pending:  # its slot is not free yet: off the queue, without an engine, until it is
+                self._h2d_park(tr, pending)
+                continue
+            tr.state = "taken"
+            self._h2d_free.sort()
+            self._h2d_begin(tr, self._h2d_free.pop(0), self.env.now if at is None else at)
 
-    def _h2d_after(self, tr: _Transfer, lane: int, pending: list[simpy.Event]) -> None:
+    def _h2d_park(self, tr: _Transfer, pending: list[simpy.Event]) -> None:
+        """A copy whose slot is still in use (its previous occupant's copy running, or its compute in
+        the current call not done) leaves the queue and takes no engine, so the engines copy what
+        can be copied meanwhile (a prefetch the compute stream waits for, say); once the slot is
+        free it goes back to its old place in the queue, ahead of everything queued after it."""
+        tr.state = "parked"
+
         def retry(_: simpy.Event) -> None:
             rest = [ev for ev in pending if not ev.processed]
             if rest:
                 rest[0].callbacks.append(retry)
             else:
-                self._h2d_begin(tr, lane, self.env.now)
+                self._push(tr)
+                self._h2d_start()
 
         pending[0].callbacks.append(retry)
 
@@ -231,20 +261,25 @@ class Simulation:
         for prio, group in ((URGENT, plan.loads), (PREFETCH, plan.prefetch)):
             for ld in group:
                 wait = []
+                dep = None
                 if ld.victim is not None:
                     prev = loading.pop(ld.victim, None)  # evicting a key still in flight: wait for its copy
                     if prev is not None:
                         wait.append(prev.event(env))
+                        dep = prev
                     rel = release.get(ld.victim)
                     if rel is not None:
                         wait.append(rel)
                 tr = _Transfer(ld.key, sizes[ld.variant], wait, step, prio == URGENT)
+                if dep is not None and dep.state != "taken":
+                    tr.dep = dep
                 loading[ld.key] = tr
                 if not wait and not self.h2d_queue and self._h2d_free:  # an idle engine takes it at once
+                    tr.state = "taken"
                     self._h2d_free.sort()
                     self._h2d_begin(tr, self._h2d_free.pop(0), at)
                 else:
-                    heapq.heappush(self.h2d_queue, (prio, next(self._seq), tr))
+                    self._push(tr, prio)
                     self._h2d_start(at)
                 if prio == URGENT:
                     urgent.append(tr)
@@ -303,7 +338,8 @@ class Simulation:
             plan = policy.plan(req, cache)
             release = no_release
             for ld in plan.loads:
-                if ld.victim is not None and ld.victim in plan.execute:  # a slot reused inside the call
+                # a slot reused inside the call (not a new variant of the same expert: that one runs after its copy)
+                if ld.victim is not None and ld.victim != ld.key and ld.victim in plan.execute:
                     if release is no_release:
                         release = {}
                     release[ld.victim] = env.event()

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from policies import CacheError, PolicySpecError, available, make_policy
+from policies.costs import variant_bytes
 from sim.config import GIB, CacheConfig
 from sim.engine import SimResult, Simulation, Timeline, future_of
 from sim.hardware import GB, HardwareError, HardwareProfile, load_profile, presets
@@ -81,7 +82,7 @@ def replay(
             "(record it with python -m runtime.record)"
         )
     ca = cache.build(model)
-    costs = profile.cost_model(model)
+    costs = profile.cost_model(model, variant_bytes(model, pol))  # a low-precision variant's bytes too
     notes: list[str] = []
     budget = profile.expert_budget_bytes(model)
     cache_bytes = ca.capacity * model.expert_bytes
@@ -102,6 +103,7 @@ def replay(
     result = sim.run(records)
     if reader.truncated:
         notes.append("the trace is truncated (no footer): replayed what it holds")
+    notes.extend(pol.notes())  # how the policy ran (a look-ahead that fell back to history, ...)
     config = {
         "tool": TOOL,
         "trace": {"path": str(trace), "sha256": file_digest(path), "truncated": reader.truncated},

@@ -64,6 +64,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from policies import CacheError, PolicySpecError, make_policy, parse_spec
+from policies.costs import variant_bytes
 from sim.config import CacheConfig
 from sim.hardware import HardwareError, HardwareProfile, load_profile
 from sim.tomlpos import format_loc, key_lines, line_of
@@ -568,7 +569,7 @@ def _simulate(task: dict[str, Any], reuse_traces: bool) -> dict[str, Any]:
     model = loaded.header.model
     pol = make_policy(task["policy"])
     ca = cache.build(model)
-    costs = profile.cost_model(model)
+    costs = profile.cost_model(model, variant_bytes(model, pol))
     pol.reset(model, ca, costs, loaded.future() if pol.wants_future() else None)
     sim = Simulation(model, pol, ca, costs, copy_engines=profile.link.copy_engines)
     return sim.run(loaded.records).metrics()
