@@ -79,7 +79,21 @@ class ModelError(ValueError):
 
 
 def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
-    """(model in eval mode, its name). `name` is a tiny model's name or a local checkpoint directory."""
+    """(model in eval mode, its name). `name` is a tiny model's name, a zoo model (`zoo:coarse`,
+    `zoo:fine`: a trained checkpoint shipped in runtime/zoo/checkpoints/) or a local checkpoint
+    directory. A zoo model's name comes back as its checkpoint directory (relative to the working
+    directory when it lies below it), where `runtime.record.encode` finds its tokenizer."""
+    if name.startswith("zoo:"):
+        from runtime.zoo import checkpoint_dir
+
+        try:
+            path = checkpoint_dir(name)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ModelError(str(exc)) from None
+        try:
+            name = path.relative_to(Path.cwd()).as_posix()
+        except ValueError:
+            name = str(path)
     if name in TINY:
         torch.manual_seed(TINY_SEED)
         model = TINY[name]()
