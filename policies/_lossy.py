@@ -51,16 +51,7 @@ def victim(evict: Evict, cache: ExpertCache, part: int, exclude: set[Key] | froz
             if k not in exclude:
                 return k
         return None
-    uses = cache.uses
-    best: Key | None = None
-    best_n = 0
-    for k in cache.least_recent(part):
-        if k in exclude:
-            continue
-        n = uses.get(k, 0)
-        if best is None or n < best_n:
-            best, best_n = k, n
-    return best
+    return cache.lowest(part, exclude, cache.uses)
 
 
 def plan_assignment(

@@ -87,6 +87,19 @@ class ExpertCache:
         """Resident keys of a partition, earliest loaded first."""
         return iter(self.inserted[part])
 
+    def lowest(self, part: int, exclude: set[Key] | frozenset[Key], score: dict[Key, float] | dict[Key, int]) -> Key | None:
+        """The partition's key outside `exclude` with the lowest score (missing: 0), ties to the least
+        recent: the victim of every frequency-like policy."""
+        best: Key | None = None
+        best_s = 0.0
+        for k in self.recency[part]:
+            if k in exclude:
+                continue
+            v = score.get(k, 0)
+            if best is None or v < best_s:
+                best, best_s = k, v
+        return best
+
     def min_capacity(self) -> int:
         return min(self.part_capacity)
 

@@ -50,13 +50,4 @@ class LFU(DemandPolicy):
         return plan
 
     def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
-        score = self.score
-        best: Key | None = None
-        best_score = 0.0
-        for k in cache.least_recent(part):
-            if k in exclude:
-                continue
-            s = score.get(k, 0.0)
-            if best is None or s < best_score:
-                best, best_score = k, s
-        return best
+        return cache.lowest(part, exclude, self.score)
