@@ -7,6 +7,9 @@ the simulator is told):
 - the link: copies of expert-sized and larger buffers through the link, fit to latency + bytes / bandwidth,
   plus what a miss costs the host beyond the copy (planning, issuing, waking up), found by comparing
   decode with every expert resident against decode with top_k slots per layer, added to the latency;
+- on a GPU, every time on the host clock with no added device syncs (the runtime syncs where it
+  reads the routing, once per layer): a layer's device work that has not finished when the host
+  moves on is counted where the host next waits for it, so the parts add up to the step;
 - per decoder layer, the time outside the experts (attention, router, norms, the policy's planning)
   as a function of the token count: prefill forwards of 2 .. 64 tokens, and decode steps of one token
   against a KV cache, as generation runs them (time spent waiting for copies is left out);
@@ -125,16 +128,12 @@ def calibrate(model_name: str, link: str, *, device: str = "cpu", repeats: int =
 
     def pre(i: int):  # type: ignore[no-untyped-def]
         def hook(m: nn.Module, args: Any) -> None:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
             starts[i] = time.perf_counter_ns()
 
         return hook
 
     def post(i: int):  # type: ignore[no-untyped-def]
         def hook(m: nn.Module, args: Any, out: Any) -> None:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
             layer_ns[i] = layer_ns.get(i, 0) + time.perf_counter_ns() - starts[i]
 
         return hook
@@ -161,6 +160,7 @@ def calibrate(model_name: str, link: str, *, device: str = "cpu", repeats: int =
 
     session.on_step = on_step
     session.install()
+    session.preload()  # every expert resident: the timed runs never miss
     try:
         g = torch.Generator().manual_seed(0)
         vocab = model.config.vocab_size

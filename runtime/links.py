@@ -209,8 +209,8 @@ class CudaLink:
 
     def submit(self, copy: Copy) -> None:
         stream = self.urgent_stream if copy.urgent else self.prefetch_stream
-        for ev in copy.wait:  # the slot's previous reader must have finished
-            stream.wait_event(ev)
+        for ev in copy.wait:  # the slot's previous copy and reader must have finished
+            stream.wait_event(ev.done if isinstance(ev, Copy) else ev)
         with torch.cuda.stream(stream):
             copy.dst.copy_(copy.src, non_blocking=True)
             if copy.post is not None:  # on the copy stream, before the copy's event

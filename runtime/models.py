@@ -65,6 +65,20 @@ def _qwen3_moe() -> nn.Module:
     ))
 
 
+def _small_mixtral() -> nn.Module:
+    """Mixtral's shape at 1/4 width and 1/4 depth (experts of 1024x3584, 25 MiB each in float32 — a
+    real expert's transfer regime on a GPU link), random weights: for GPU validation, not for tests."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=1024, hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    ))
+
+
+SMALL: dict[str, Callable[[], nn.Module]] = {"small-mixtral": _small_mixtral}
+
 TINY: dict[str, Callable[[], nn.Module]] = {
     "tiny-mixtral": _mixtral,
     "tiny-olmoe": _olmoe,
@@ -94,14 +108,14 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | t
             name = path.relative_to(Path.cwd()).as_posix()
         except ValueError:
             name = str(path)
-    if name in TINY:
+    if name in TINY or name in SMALL:
         torch.manual_seed(TINY_SEED)
-        model = TINY[name]()
+        model = (TINY.get(name) or SMALL[name])()
         model.config.name_or_path = name
     else:
         path = Path(name)
         if not path.is_dir():
-            raise ModelError(f"unknown model {name!r}: not a local checkpoint directory, nor one of {', '.join(TINY)}")
+            raise ModelError(f"unknown model {name!r}: not a local checkpoint directory, nor one of {', '.join([*TINY, *SMALL])}")
         if not (path / "config.json").exists():
             raise ModelError(f"{path}: no config.json, not a Hugging Face checkpoint directory")
         from transformers import AutoModelForCausalLM

@@ -394,13 +394,11 @@ class OffloadSession:
 
         # the executed assignment: as routed, unless the plan changed it
         if plan.topk is not None:
-            index = torch.as_tensor(plan.topk, device=hidden.device).long()
+            index_np = np.asarray(plan.topk, dtype=np.int64)
             weights = torch.as_tensor(plan.weights, device=hidden.device, dtype=top_k_weights.dtype)
-            index = torch.where(index < 0, torch.full_like(index, experts.num_experts), index)
         else:
-            index, weights = top_k_index, top_k_weights
-        with torch.no_grad():
-            mask = nn.functional.one_hot(index, num_classes=experts.num_experts + 1).permute(2, 1, 0)
+            index_np, weights = idx_np, top_k_weights
+        rows = self._rows_of(index_np, [k[1] for k in (*plan.order, *plan.cpu)], hidden.device)
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         stall = 0
         cuda = isinstance(self.link, CudaLink)
@@ -412,14 +410,11 @@ class OffloadSession:
                 self.link.wait(cp)
                 stall += time.perf_counter_ns() - w0
             slot = slot_for[key]
-            top_k_pos, token_idx = torch.where(mask[e])
-            if self.expert_times is not None:  # calibration: time each expert on its own
-                if cuda:
-                    torch.cuda.synchronize(self.device)
+            top_k_pos, token_idx = rows[e]
+            if self.expert_times is not None:  # calibration: each expert's time on the host clock
+                # (no device sync: a run has none here, so the device's share lands in the next sync)
                 x0 = time.perf_counter_ns()
                 out = _expert_math(experts, self.pool.views[slot], hidden[token_idx])
-                if cuda:
-                    torch.cuda.synchronize(self.device)
                 self.expert_times.append((int(token_idx.numel()), time.perf_counter_ns() - x0))
             else:
                 out = _expert_math(experts, self.pool.views[slot], hidden[token_idx])
@@ -430,12 +425,12 @@ class OffloadSession:
                 self.pool.last_reader[slot] = ev
                 for cp in self._deferred.pop(key, []):  # copies into this slot may go now
                     cp.wait.append(ev)
-                    self.link.submit(cp)
+                    self._submit(cp)
             elif key in release:
                 release[key].set()
         for key in plan.cpu:
             e = key[1]
-            top_k_pos, token_idx = torch.where(mask[e])
+            top_k_pos, token_idx = rows[e]
             views = self.store.views(self.store.buffers[key])
             out = _expert_math(experts, views, hidden[token_idx].to("cpu")).to(hidden.device)
             outputs[e] = (token_idx, out * weights[token_idx, top_k_pos, None])
@@ -453,6 +448,23 @@ class OffloadSession:
             self.on_layer(LayerEvent(step.step, step.phase, layer, req, plan, t0, time.perf_counter_ns(), stall, copies, hidden))
         return final
 
+    @staticmethod
+    def _rows_of(index: np.ndarray, experts: list[int], device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """(top-k positions, token rows) routed to each expert, in the order transformers' eager path
+        takes them (by position, then token), found on the host from the routing the plan already
+        read, and sent to the device in one copy: no device sync per expert, so on a GPU the host
+        issues a layer's expert kernels while its copies are still in flight."""
+        found = {e: np.nonzero(index.T == e) for e in experts}
+        flat = np.concatenate([np.concatenate(found[e]) for e in experts]) if experts else np.zeros(0, np.int64)
+        on_dev = torch.from_numpy(flat.astype(np.int64)).to(device, non_blocking=True)
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        at = 0
+        for e in experts:
+            n = len(found[e][0])
+            out[e] = (on_dev[at:at + n], on_dev[at + n:at + 2 * n])
+            at += 2 * n
+        return out
+
     def _issue(self, plan: LayerPlan, release: dict[Key, Any], slot_for: dict[Key, int]) -> list[Copy]:
         """Hand the plan's copies to the link. A copy into a slot first waits for the slot's previous
         occupant: its own copy, and its compute if this call uses it (emulated: an event the compute
@@ -462,13 +474,19 @@ class OffloadSession:
         need = set(plan.execute)
         copies: list[Copy] = []
         self._deferred: dict[Key, list[Copy]] = {}
+        self._followers: dict[Copy, list[Copy]] = {}
         for urgent, group in ((True, plan.loads), (False, plan.prefetch)):
             for ld in group:
                 wait: list[Any] = []
+                chain: Copy | None = None
                 if ld.victim is not None:
                     prev = self._pending.pop(ld.victim, None)
                     if prev is not None:  # the victim's own copy must land before its slot is overwritten
-                        wait.append(prev.done)
+                        if prev.done is None:  # CUDA: that copy itself waits for a compute of this call
+                            wait.append(prev)  # the link takes its event once it is submitted
+                            chain = prev
+                        else:
+                            wait.append(prev.done)
                 slot = self.pool.assign(ld.key, ld.victim)
                 slot_for.setdefault(ld.key, slot)
                 if cuda and slot in self.pool.last_reader:
@@ -485,13 +503,22 @@ class OffloadSession:
                 copies.append(cp)
                 # the slot is reused inside this call (a new variant of the same expert is not: it runs after its copy)
                 if ld.victim is not None and ld.victim != ld.key and ld.victim in need:
-                    if cuda:
+                    if cuda:  # submitted after the victim's compute, which comes after the victim's copy
                         self._deferred.setdefault(ld.victim, []).append(cp)
                         continue
                     release[ld.victim] = threading.Event()
                     wait.append(release[ld.victim])
+                if chain is not None:  # submitted right after the copy it waits for
+                    self._followers.setdefault(chain, []).append(cp)
+                    continue
                 self.link.submit(cp)
         return copies
+
+    def _submit(self, cp: Copy) -> None:
+        """Submit a deferred copy, then the copies chained behind it (CUDA)."""
+        self.link.submit(cp)
+        for nxt in self._followers.pop(cp, []):
+            self._submit(nxt)
 
     def preload(self, keys: list[Key] | None = None) -> int:
         """Fill free slots with experts before a run (a warm start for benchmarks and measurements):

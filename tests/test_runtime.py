@@ -276,17 +276,56 @@ def test_a_prefetching_policy_runs_exact_and_counts_add_up() -> None:
     assert m["bytes_h2d"] == (m["misses"] + m["prefetches"]) * s.spec.expert_bytes
 
 
+class _NextCallOracle:
+    """A test-only oracle: LRU, plus a prefetch of the next layer call's experts, known from a
+    previous identical run (the future)."""
+
+    @staticmethod
+    def make():  # type: ignore[no-untyped-def]
+        from policies import DemandPolicy, LayerPlan
+
+        class NextCall(DemandPolicy):
+            name = "test-next-call"
+            needs_future = True
+
+            def reset(self, model, cache, costs, future=None):  # type: ignore[no-untyped-def]
+                super().reset(model, cache, costs, future)
+                self.calls, self.i = future.calls, 0
+
+            def victim(self, cache, part, exclude):  # type: ignore[no-untyped-def]
+                return next((k for k in cache.least_recent(part) if k not in exclude), None)
+
+            def plan(self, req, cache) -> LayerPlan:  # type: ignore[no-untyped-def]
+                plan = super().plan(req, cache)
+                self.i += 1
+                nxt = self.calls[self.i] if self.i < len(self.calls) else []
+                want = [k for k in nxt if k[0] != req.layer and k not in cache]
+                plan.prefetch = self.make_room(cache, want, set(plan.execute), force=False)
+                return plan
+
+        return NextCall()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_prefetch_overlaps_compute() -> None:
-    """On the copy stream, prefetches overlap compute: in one run, the prefetching policy's decode
-    steps are faster than demand loading's on a transfer-bound cache (a ratio, not a timing)."""
-    model, _ = load_model("tiny-mixtral", device="cuda")
+    """On the copy streams, prefetches overlap compute: with experts whose copies cost as much as a
+    layer's compute (small-mixtral, 42 MiB each) and top-k slots per layer, prefetching the next
+    call's experts (an oracle: a first identical run gave them) makes decode steps faster than
+    demand loading in the same process (a ratio, not a timing), with the same outputs."""
+    model, _ = load_model("small-mixtral", device="cuda")
     ids = _ids(batch=1).cuda()
-    tpot = {}
-    for label, pol in (("demand", "lru"), ("prefetch", _NextLayerPrefetch.make())):
-        with offload(model, pol, cache_per_layer=2, link="cuda") as s, torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False, pad_token_id=0)
-        tpot[label] = s.metrics["tpot_s"]
-        assert s.metrics["misses"] + s.metrics["prefetches"] > 0
-    assert tpot["prefetch"] < tpot["demand"] * 1.05, tpot
+    calls: list = []
+    runs = {}
+    for label in ("warm-up", "demand", "prefetch"):
+        pol = _NextCallOracle.make() if label == "prefetch" else "lru"
+        kw = {"future": Future(calls)} if label == "prefetch" else {}
+        with offload(model, pol, cache_per_layer=2, link="cuda", **kw) as s, torch.no_grad():
+            if label == "demand":
+                s.on_layer = lambda ev: calls.append(ev.request.keys_in_access_order())
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=0)
+        runs[label] = (out, s.metrics)
+    (out_d, m_d), (out_p, m_p) = runs["demand"], runs["prefetch"]
+    assert torch.equal(out_d, out_p)
+    assert m_p["prefetches"] > 0 and m_p["misses"] < m_d["misses"], (m_d, m_p)
+    assert m_p["tpot_s"] < m_d["tpot_s"], (m_d["tpot_s"], m_p["tpot_s"])
