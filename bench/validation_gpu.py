@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--policies", default="lru", help="policy specs separated by semicolons")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--recalibrate", action="store_true",
-                    help="calibrate again right before every run (the host's speed drifts over a long process)")
+                    help="calibrate again right before every run, with its policy (its per-call host work is "
+                         "measured; the host's speed drifts over a long process)")
     ap.add_argument("--repeats", type=int, default=3, help="calibration repeats")
     ap.add_argument("--out", type=Path, help="also write the profiles and results (JSON) into this folder")
     args = ap.parse_args()
@@ -62,7 +63,8 @@ def main() -> None:
         for label, per_layer in (("transfer-bound", top_k + 1), ("resident", n_exp)):
             for pol in args.policies.split(";"):
                 if args.recalibrate:
-                    prof = HardwareProfile.model_validate(calibrate(model, "cuda", device="cuda", repeats=args.repeats))
+                    prof = HardwareProfile.model_validate(
+                        calibrate(model, "cuda", device="cuda", repeats=args.repeats, policy=pol))
                 with tempfile.TemporaryDirectory() as tmp:
                     res = validate(model, pol, cache_per_layer=per_layer, link="cuda", profile=prof, prompts=prompts,
                                    max_new_tokens=args.tokens, out_dir=tmp, device="cuda")

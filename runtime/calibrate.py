@@ -1,6 +1,6 @@
 """Measure this machine for the simulator: a calibrated hardware profile for one model and one link.
 
-    python -m runtime.calibrate --model M --link L -o profile.json [--device cpu|cuda]
+    python -m runtime.calibrate --model M --link L -o profile.json [--device cpu|cuda] [--policy SPEC]
 
 What is measured, all in the offloaded runtime itself (so its own per-call overhead is part of what
 the simulator is told):
@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from policies import PolicySpecError, make_policy
+from policies.costs import ComputeCost, CostModel
 from runtime.links import Copy, LinkError, make_link, parse_link
 from runtime.models import ModelError, load_model
 from runtime.offload import OffloadError, OffloadSession, _expert_math
@@ -116,10 +118,19 @@ def _device_speed(device: torch.device) -> tuple[float, float]:
     return mem, flops
 
 
-def calibrate(model_name: str, link: str, *, device: str = "cpu", repeats: int = 3) -> dict[str, Any]:
+def calibrate(model_name: str, link: str, *, device: str = "cpu", repeats: int = 3, policy: str = "lru") -> dict[str, Any]:
+    """The profile, measured with `policy` planning every call (every expert resident), so that its
+    per-call host work (planning, the signals it reads: look-ahead routing, probabilities) is part of
+    the measured per-layer time; an oracle policy is measured as `lru`."""
     dev = torch.device(device)
     model, name = load_model(model_name, device=dev)
-    session = OffloadSession(model, "lru", cache_per_layer=int(_num_experts(model)), link=link, name=name)
+    if make_policy(policy).wants_future():
+        policy = "lru"
+    # a provisional cost model for policies that weigh costs (`fiddler`): with every expert resident
+    # they never act on it, but they refuse to start without one
+    provisional = CostModel(0.0, 25e9, {"full": 1}, ComputeCost(), ComputeCost(1e-4), ComputeCost(1e-3))
+    session = OffloadSession(model, policy, cache_per_layer=int(_num_experts(model)), link=link, name=name,
+                             costs=provisional)
     spec = session.spec
     layer_ns: dict[int, int] = {}
     starts: dict[int, int] = {}
@@ -196,9 +207,9 @@ def calibrate(model_name: str, link: str, *, device: str = "cpu", repeats: int =
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     return {
         "name": f"calibrated-{name.replace('/', '_')}-{ls.kind}",
-        "description": f"measured by runtime.calibrate on {dev_name} for {name}, link {ls}",
+        "description": f"measured by runtime.calibrate on {dev_name} for {name}, link {ls}, policy {policy}",
         "source": "calibrated",
-        "references": [f"python -m runtime.calibrate --model {model_name} --link {link} --device {device}"],
+        "references": [f"python -m runtime.calibrate --model {model_name} --link {link} --device {device} --policy '{policy}'"],
         "link": {
             "h2d_gbps": link_fit["h2d_gbps"],
             "d2h_gbps": link_fit["h2d_gbps"],
@@ -300,11 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link", default="emulated:16GB/s")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--policy", default="lru", help="the policy to be validated: its per-call host work is measured too")
     p.add_argument("-o", "--out", type=Path, required=True)
     args = p.parse_args(argv)
     try:
-        prof = calibrate(args.model, args.link, device=args.device, repeats=args.repeats)
-    except (ModelError, OffloadError, LinkError) as exc:
+        prof = calibrate(args.model, args.link, device=args.device, repeats=args.repeats, policy=args.policy)
+    except (ModelError, OffloadError, LinkError, PolicySpecError) as exc:
         print(f"runtime.calibrate: error: {exc}", file=sys.stderr)
         return 2
     write_text_atomic(args.out, json.dumps(prof, indent=2, sort_keys=True) + "\n")

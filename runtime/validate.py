@@ -65,7 +65,7 @@ def validate(
     prompts = prompts or DEFAULT_PROMPTS
     if profile is None:
         prof_path = out / "profile.json"
-        write_text_atomic(prof_path, json.dumps(calibrate(model, link, device=device), indent=2, sort_keys=True) + "\n")
+        write_text_atomic(prof_path, json.dumps(calibrate(model, link, device=device, policy=policy), indent=2, sort_keys=True) + "\n")
         profile = str(prof_path)
     prof = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
     future = None
