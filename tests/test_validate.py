@@ -50,6 +50,19 @@ def test_validation_counts_are_equal(tmp_path: Path, profile: Path, policy: str)
     assert (tmp_path / "validation.json").exists() and (tmp_path / "run.jsonl.gz").exists()
 
 
+def test_calibration_with_the_policy_under_test() -> None:
+    """A policy that reads signals is calibrated running itself (its look-ahead routing is part of the
+    measured per-layer time); one that weighs costs starts without a profile; an oracle runs as lru."""
+    for policy, ran in (("lru+lookahead(depth=1,budget=2)", "lru+lookahead(depth=1,budget=2)"),
+                        ("lru+fiddler", "lru+fiddler"), ("belady", "lru")):
+        prof = calibrate("tiny-mixtral", LINK, repeats=1, policy=policy)
+        assert prof["description"].endswith(f"policy {ran}")
+        assert HardwareProfile.model_validate(prof).fit is not None
+    r = subprocess.run([sys.executable, "-m", "runtime.calibrate", "--model", "tiny-mixtral", "--policy", "nope", "-o", "x.json"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nope" in r.stderr
+
+
 def test_lossless_quality_is_the_exact_models() -> None:
     m = run("tiny-qwen2-moe", "lru", cache_per_layer=2, link=LINK, max_new_tokens=4)
     assert m["kl_divergence"] == 0.0 and m["token_agreement"] == 1.0
