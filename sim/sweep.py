@@ -879,7 +879,14 @@ def _run_ray(
             import sim
             import traces
 
-            ray.init(address=address, include_dashboard=False, runtime_env={"py_modules": [traces, policies, sim]})
+            try:
+                ray.init(address=address, include_dashboard=False, runtime_env={"py_modules": [traces, policies, sim]})
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise SweepError(
+                    f"cannot use the Ray cluster at {address}: {msg} (is it running? with token authentication, "
+                    "set RAY_AUTH_MODE=token and the cluster's token here too)"
+                ) from None
         else:
             pythonpath = os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH", "")) if x)
             ray.init(num_cpus=jobs, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})

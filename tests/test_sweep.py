@@ -8,6 +8,7 @@ import csv
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -455,6 +456,46 @@ def test_ray_backend_on_a_local_ray(tmp_path: Path, traces) -> None:  # type: ig
     got = {r["config_hash"]: _metric_keys(r) for r in read_results(tmp_path / "ray")}
     assert got == want
     assert s.parses <= 2 * 2 * 4  # kept per worker process (Ray may start a few more than num_cpus)
+
+
+def test_ray_backend_on_an_existing_cluster(tmp_path: Path, traces, capsys) -> None:  # type: ignore[no-untyped-def]
+    """`--address`: a Ray cluster started apart (`ray start --head`), which gets the packages shipped as
+    py_modules; the results equal the local backend's. Then a cluster that is not there: one line."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[dist]')")
+    ray_cli = Path(sys.executable).parent / "ray"
+    if not ray_cli.exists():
+        pytest.skip("no ray command beside this Python")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    start = subprocess.run([str(ray_cli), "start", "--head", "--port=0", "--num-cpus=1", "--include-dashboard=false",
+                            "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=120)
+    found = re.search(r"ray start --address='([^']+)'", start.stdout + start.stderr)
+    try:
+        assert start.returncode == 0 and found, start.stdout + start.stderr
+        sw = write_sweep(tmp_path, HEAD)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RAY_AUTH_MODE", "disabled")
+            mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+            assert main([str(sw), "-o", str(tmp_path / "ray"), "--no-progress", "--backend", "ray", "--address", found.group(1)]) == 0
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, env=env, timeout=120)
+    assert main([str(sw), "-o", str(tmp_path / "local"), "--no-progress"]) == 0
+    want = {r["config_hash"]: _metric_keys(r) for r in read_results(tmp_path / "local")}
+    got = {r["config_hash"]: _metric_keys(r) for r in read_results(tmp_path / "ray")}
+    assert got == want and len(got) > 0
+    capsys.readouterr()
+
+
+def test_ray_address_that_does_not_answer_is_one_line(tmp_path: Path, traces, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[dist]')")
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise ConnectionError("Failed to connect to Ray cluster at 10.9.9.9:6379\nmore detail")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    s = write_sweep(tmp_path, HEAD)
+    assert main([str(s), "-o", str(tmp_path / "o"), "--no-progress", "--backend", "ray", "--address", "10.9.9.9:6379"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sim.sweep: error: cannot use the Ray cluster at 10.9.9.9:6379: Failed to connect")
 
 
 def test_ray_backend_without_ray_is_a_clear_error(tmp_path: Path, traces, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
