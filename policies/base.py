@@ -78,8 +78,9 @@ class Policy:
     lossless: ClassVar[bool] = True
     needs_future: ClassVar[bool] = False
     wraps: ClassVar[bool] = False  # a modifier that composes after '+'
-    # request fields beyond topk/weights the policy reads: "probs", "lookahead", "importance"; the
-    # runtime computes them only when asked (the simulator takes them from the trace)
+    # what the policy reads beyond topk/weights: the request fields "probs", "lookahead", "importance",
+    # and "expert_similarity", the model spec's weight similarity (a header item, given at `reset`);
+    # the runtime computes them only when asked (the simulator takes them from the trace)
     uses: ClassVar[frozenset[str]] = frozenset()
     lookahead_depth: int = 0  # how many later layers a look-ahead policy wants predicted
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from policies import _lossy
-from policies.base import Policy, register
+from policies.base import Policy, PolicySpecError, register
 from policies.cache import ExpertCache
 from policies.plan import LayerPlan
 from policies.request import Key, LayerRequest
@@ -18,7 +19,9 @@ from traces.schema import ModelSpec
 class SubstituteParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     threshold: float = Field(0.3, ge=0.0, le=1.0, description="a missing expert whose share of the token's routing weight is below it is substituted; 0: never")
-    similarity: Literal["coactivation", "probs"] = Field("coactivation", description="expert profiles compared by cosine")
+    similarity: Literal["coactivation", "probs", "weights"] = Field(
+        "coactivation", description="what is compared by cosine: co-activation profiles, router-probability profiles, or the experts' weights"
+    )
     min_similarity: float = Field(0.0, ge=0.0, lt=1.0, description="a substitute must be more similar than this")
     evict: Literal["lfu", "lru"] = Field("lfu", description="replacement: keep the most reused experts (lfu) or the most recent")
 
@@ -33,22 +36,26 @@ class Substitute(Policy):
     little to the token's output, and a similar expert that is already on the GPU reproduces much of
     that little; the paper reports -48% decode latency.
 
-    Similarity: cosine of the experts' profiles, accumulated from every request the policy has seen
-    before this one (the router's choice, in both engines alike):
+    Similarity: a cosine, from one of three sources. The first two are profiles accumulated from
+    every request the policy has seen before this one (the router's choice, in both engines alike):
 
     - `coactivation` (default; works on every trace): expert e's profile is its row of the layer's
       co-activation counts (token rows routed to both e and f; the diagonal counts e's own rows), so
       two experts are similar when they are chosen together with the same experts;
     - `probs`: e's profile is the sum of the router's probability vectors of the rows routed to e
-      (needs the trace field `probs`): experts the router scores alike for the same tokens.
-
-    The issue's third source, similarity of the experts' weights, needs the runtime to compute and
-    record it: not implemented.
+      (needs the trace field `probs`): experts the router scores alike for the same tokens;
+    - `weights`: the cosine of the two experts' weights (all their parameters, flattened and
+      concatenated), fixed for the run: the model spec's `expert_similarity`, which the runtime
+      computes from its slow tier in float64 and `runtime.record` writes into the trace header, so a
+      replay hands the policy the very numbers the recorded run used. A model spec without it
+      (a trace recorded before it existed, an import, a preset) is refused at `reset`.
 
     A substitute must score above `min_similarity` (so an expert never seen together with any
-    resident one is loaded, not replaced by an arbitrary one) and is never an expert the token
-    already runs. An expert some token needs as important is loaded, and then serves every token.
-    If the layer has no resident expert that qualifies, the miss is loaded.
+    resident one is loaded, not replaced by an arbitrary one; with `weights`, experts whose weights
+    are orthogonal or opposed never stand in for each other) and is never an expert the token
+    already runs; among those, the most similar wins, ties to the lower expert id, whatever the
+    source. An expert some token needs as important is loaded, and then serves every token. If the
+    layer has no resident expert that qualifies, the miss is loaded.
 
     Scheduling: the resident experts (substitutes included) run first while the misses load;
     victims keep the experts most often reused (`evict=lfu`: fewest uses since the start, ties
@@ -60,12 +67,26 @@ class Substitute(Policy):
 
     def __init__(self, params: BaseModel | None = None, **kwargs: object):
         super().__init__(params, **kwargs)
-        if self.params.similarity == "probs":  # type: ignore[attr-defined]
+        source = self.params.similarity  # type: ignore[attr-defined]
+        if source == "probs":
             self.uses = frozenset({"probs"})  # type: ignore[misc]
+        elif source == "weights":  # a header item: the runtime computes it only when asked
+            self.uses = frozenset({"expert_similarity"})  # type: ignore[misc]
 
     def reset(self, model: ModelSpec, cache, costs, future=None) -> None:  # type: ignore[no-untyped-def]
         super().reset(model, cache, costs, future)
-        self.stats = _lossy.CoActivation(model.num_moe_layers, model.num_experts, probs=self.params.similarity == "probs")  # type: ignore[attr-defined]
+        source = self.params.similarity  # type: ignore[attr-defined]
+        self.weight_similarity: np.ndarray | None = None
+        self.stats: _lossy.CoActivation | None = None
+        if source == "weights":
+            if model.expert_similarity is None:
+                raise PolicySpecError(
+                    f"policy {self.spec!r} needs the experts' weight similarity (model.expert_similarity), which the "
+                    f"model spec of {model.name!r} does not carry: record the trace with python -m runtime.record"
+                )
+            self.weight_similarity = np.asarray(model.expert_similarity, dtype=np.float64)
+        else:
+            self.stats = _lossy.CoActivation(model.num_moe_layers, model.num_experts, probs=source == "probs")
 
     def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
         return _lossy.victim(self.params.evict, cache, part, exclude)  # type: ignore[attr-defined]
@@ -76,13 +97,14 @@ class Substitute(Policy):
         mass = 0.0
         if p.threshold > 0:
             shares = _lossy.token_shares(req.weights)
-            layer, use_probs = req.layer, p.similarity == "probs"
+            layer, use_probs, stats, fixed = req.layer, p.similarity == "probs", self.stats, self.weight_similarity
             topk, weights, mass = _lossy.substitute_slots(
                 req, cache,
                 eligible=lambda t, j: bool(shares[t, j] < p.threshold),
-                score=lambda e: self.stats.cosine(layer, e, use_probs),
+                score=(lambda e: fixed[layer, e]) if fixed is not None else (lambda e: stats.cosine(layer, e, use_probs)),  # type: ignore[union-attr]
                 min_score=p.min_similarity,
             )
         plan = _lossy.plan_assignment(self, req, cache, topk, weights, substituted=mass)
-        self.stats.add(req)
+        if self.stats is not None:
+            self.stats.add(req)
         return plan

@@ -121,6 +121,41 @@ def model_spec(model: nn.Module, layers: list[MoELayer] | None = None, name: str
     )
 
 
+def expert_similarity(layers: list[MoELayer], chunk: int = 1 << 22) -> list[list[list[float]]]:
+    """Per MoE layer, the cosine similarity of every pair of its routed experts' weights: each expert
+    is one vector, the parts the slow tier stores (`_expert_parts`: gate/up, down, biases if any)
+    flattened and concatenated, as in its `ExpertStore` buffer. The dot products are accumulated in
+    float64, `chunk` values at a time (a real model's experts are never converted whole). Exactly
+    symmetric (the upper triangle mirrored), diagonal exactly 1, an all-zero expert 0 elsewhere; plain
+    Python floats, which JSON carries exactly, so a replay of the trace sees the runtime's numbers.
+
+    It reads the experts modules' own weights (the session computes it before `install` replaces
+    them by the slow tier): the same values the store's buffers hold, in the same dtype."""
+    out: list[list[list[float]]] = []
+    with torch.no_grad():
+        for ly in layers:
+            ex = ly.experts
+            n = int(ex.num_experts)
+            gram = None
+            for p in _expert_parts(ex):
+                w = getattr(ex, p).detach().reshape(n, -1)
+                step = max(1, chunk // n)
+                for c in range(0, w.shape[1], step):
+                    x = w[:, c : c + step].to(torch.float64)
+                    g = x @ x.T
+                    gram = g if gram is None else gram + g
+            assert gram is not None
+            gram = gram.cpu()
+            norm = gram.diagonal().sqrt()
+            den = torch.outer(norm, norm)
+            cos = torch.where(den > 0, gram / torch.where(den > 0, den, 1.0), 0.0).clamp(-1.0, 1.0)
+            upper = torch.triu(cos, 1)
+            cos = upper + upper.T
+            cos.fill_diagonal_(1.0)
+            out.append(cos.tolist())
+    return out
+
+
 # -- the two tiers -----------------------------------------------------------------------------------
 class ExpertStore:
     """The slow tier: every routed expert's weights in one contiguous CPU buffer (pinned for CUDA),
@@ -275,6 +310,10 @@ class OffloadSession:
         self.on_layer = on_layer
         # what the requests carry beyond the routing: what the policy reads, and what the caller asks
         self.signals = set(self.policy.uses) | set(signals)
+        if "expert_similarity" in self.signals:
+            # a header item: computed once, here (before `install` empties the experts modules), into the
+            # one spec that both the policy (`reset`) and the recorder's header get
+            self.spec = ModelSpec.model_validate({**self.spec.model_dump(), "expert_similarity": expert_similarity(self.layers)})
         self.lookahead_depth = max(lookahead_depth, getattr(self.policy, "lookahead_depth", 0) or 0)
         if "lookahead" in self.signals and self.lookahead_depth < 1:
             self.lookahead_depth = 1

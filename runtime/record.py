@@ -1,5 +1,6 @@
 """Record the trace of an offloaded run (DESIGN section 3): every routing decision, with the router's
-probabilities, look-ahead guesses, token importance, the plan that ran and measured timings.
+probabilities, look-ahead guesses, token importance, the plan that ran and measured timings, and in
+the header the cosine similarity of the experts' weights.
 
     python -m runtime.record --model M --prompts FILE [--max-new-tokens N] [--policy SPEC
         (--cache-experts N | --cache-per-layer K)] [--link L] -o traces/x.jsonl.gz
@@ -158,8 +159,8 @@ def record(
 ) -> dict[str, Any]:
     """Run the prompts one after another (each a sequence of its own), write the trace, return the
     session's metrics. `signals=False` records only what the policy itself reads (no probabilities,
-    look-ahead or importance beyond it): the run then costs what it costs without a recorder, which
-    is what validation measures.
+    look-ahead, importance or weight similarity beyond it): the run then costs what it costs without a
+    recorder, which is what validation measures.
 
     `costs` is the cost model the policy gets at `reset` (policies that weigh costs, such as
     `fiddler`, need the one the simulator will use): a `CostModel`, or a function of the run's
@@ -177,7 +178,7 @@ def record(
         costs = costs(model_spec(model, name=name))
     session = OffloadSession(
         model, policy, **{k: v for k, v in session_kw.items() if v is not None}, name=name, future=future,
-        signals=({"probs", "importance"} | ({"lookahead"} if lookahead else set())) if signals else set(),
+        signals=({"probs", "importance", "expert_similarity"} | ({"lookahead"} if lookahead else set())) if signals else set(),
         lookahead_depth=lookahead if signals else 0, costs=costs,
     )
     want = session.signals

@@ -75,7 +75,7 @@ def replay(
     model = reader.header.model
     profile = hardware if isinstance(hardware, HardwareProfile) else load_profile(hardware)
     pol = make_policy(policy)
-    missing = sorted(f for f in pol.required_fields() if not getattr(reader.header.fields, f, False))
+    missing = sorted(f for f in pol.required_fields() if not reader.header.carries(f))
     if missing:
         raise ReplayError(
             f"{path}: policy {pol.spec!r} needs the trace field(s) {', '.join(missing)}, which this trace does not carry "
@@ -107,7 +107,7 @@ def replay(
     config = {
         "tool": TOOL,
         "trace": {"path": str(trace), "sha256": file_digest(path), "truncated": reader.truncated},
-        "model": model.model_dump(),
+        "model": model.model_dump(exclude={"expert_similarity"}),  # the matrix is the trace's (its sha256 above)
         "policy": pol.spec,
         "cache": {
             "request": cache.model_dump(exclude_none=True),

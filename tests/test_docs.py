@@ -138,3 +138,14 @@ def test_simulator_doc_defines_every_metric(tmp_path: Path) -> None:
     rows = set(re.findall(r"^\| `(\w+)` \|", text, re.M))
     assert set(res.metrics) <= rows, set(res.metrics) - rows
     assert set(res.config) <= rows, set(res.config) - rows
+
+
+# -- policies.md ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_policy_tables_are_the_scripts_output() -> None:
+    """The simulator tables of docs/policies.md "Numbers" (about 45 s). The runtime quality tables come
+    from the same script (`--section quality`, about 2 min; tests/test_policy_table.py checks what
+    they show on a shorter text)."""
+    mod = bench("policy_table")
+    assert between("policies.md", "policy-table mixtral") == output_of(mod.main, ["--section", "mixtral"])
+    assert between("policies.md", "policy-table zoo") == output_of(mod.main, ["--section", "zoo"])

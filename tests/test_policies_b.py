@@ -106,7 +106,7 @@ def _apply(pol, cache, counters, vb, req):  # type: ignore[no-untyped-def]
     [
         ("mobile(threshold=-0.1)", "threshold"), ("mobile(threshold=1.5)", "threshold"), ("mobile(metric=loud)", "metric"),
         ("mobile(prefetch=-1)", "prefetch"), ("mobile(evict=mru)", "evict"), ("mobile(depth=2)", "no parameter 'depth'"),
-        ("substitute(threshold=2)", "threshold"), ("substitute(similarity=weights)", "similarity"),
+        ("substitute(threshold=2)", "threshold"), ("substitute(similarity=weight)", "similarity"),
         ("substitute(min_similarity=1)", "min_similarity"), ("buddy(budget=-1)", "budget"), ("buddy(threshold=1.01)", "threshold"),
         ("hobbit(bits=3)", "bits"), ("hobbit(bits=16)", "bits"), ("hobbit(threshold=-1)", "threshold"),
         ("hobbit(upgrade=maybe)", "upgrade"),
@@ -341,6 +341,7 @@ pytest.importorskip("transformers", reason="the runtime extra (.[runtime]) is no
 
 from runtime import offload  # noqa: E402
 from runtime.models import TINY, load_model  # noqa: E402
+from runtime.quality import compare, teacher_forced  # noqa: E402
 from runtime.quant import Quantizer  # noqa: E402
 from runtime.record import encode, record  # noqa: E402
 
@@ -387,35 +388,20 @@ def test_mobile_threshold_zero_is_exactly_lru_in_the_runtime() -> None:
     assert out["mobile(threshold=0.48)"][2]["dropped_mass"] > 0
 
 
-def _teacher_forced(model, ids):  # type: ignore[no-untyped-def]
-    """Next-token logits at every position, one decode call per token (where these policies act)."""
-    out, cache = [], None
-    with torch.no_grad():
-        for i in range(ids.shape[1]):
-            r = model(ids[:, i : i + 1], cache=cache, use_cache=True)
-            cache = r.cache
-            out.append(r.logits[0, -1])
-    return torch.stack(out)
-
-
 @pytest.fixture(scope="module")
 def quality_model():  # type: ignore[no-untyped-def]
     model, name = load_model("tiny-mixtral")
     ids = encode(model, name, "Offloading keeps the experts of a mixture-of-experts model in host memory.")
     model.set_experts_implementation("eager")
-    return model, ids, _teacher_forced(model, ids)
+    return model, ids, teacher_forced(model, ids)
 
 
 def _quality(model, ids, exact, spec: str):  # type: ignore[no-untyped-def]
     with offload(model, spec, cache_per_layer=3, link="emulated:1000GB/s") as s:
-        logits = _teacher_forced(model, ids)
-    target = ids[0, 1:]
-    ppl = math.exp(float(torch.nn.functional.cross_entropy(logits[:-1], target)))
-    ppl_exact = math.exp(float(torch.nn.functional.cross_entropy(exact[:-1], target)))
-    lp, lq = torch.log_softmax(exact[:-1].double(), -1), torch.log_softmax(logits[:-1].double(), -1)
-    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+        logits = teacher_forced(model, ids)
+    q = compare(exact, logits, ids)
     m = s.metrics
-    return ppl - ppl_exact, kl, m["dropped_mass"] + m["substituted_mass"], torch.equal(logits, exact)
+    return q.perplexity_change, q.kl, m["dropped_mass"] + m["substituted_mass"], torch.equal(logits, exact)
 
 
 @pytest.mark.slow

@@ -13,7 +13,14 @@ import json
 import sys
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 FORMAT = "moe-trace"
 VERSION = 1
@@ -21,6 +28,10 @@ VERSION = 1
 NonNegInt = Annotated[int, Field(ge=0)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 PosInt = Annotated[int, Field(ge=1)]
+
+# signals a policy may read (`Policy.uses`) that a trace carries once, in the header's model block,
+# rather than on every layer record
+MODEL_SIGNALS = ("expert_similarity",)
 
 
 class _Strict(BaseModel):
@@ -44,6 +55,11 @@ class ModelSpec(_Strict):
     dtype: str = Field(description="dtype of the expert weights, e.g. bf16, fp8, int4")
     expert_bytes: PosInt = Field(description="bytes of one routed expert's weights in `dtype`")
     dense_bytes: NonNegInt = Field(description="bytes of all non-expert weights")
+    expert_similarity: list[list[list[Finite]]] | None = Field(
+        None,
+        description="per MoE layer (index into moe_layers), the num_experts x num_experts cosine similarity of the "
+        "routed experts' weights (symmetric, diagonal 1), as the runtime computes it; omitted when absent",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -55,7 +71,27 @@ class ModelSpec(_Strict):
             raise ValueError(f"moe_layers: index {self.moe_layers[-1]} is not below num_layers={self.num_layers}")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k: {self.top_k} exceeds num_experts={self.num_experts}")
+        sim = self.expert_similarity
+        if sim is not None:
+            n, e = len(self.moe_layers), self.num_experts
+            if len(sim) != n:
+                raise ValueError(f"expert_similarity: has {len(sim)} matrices, one per MoE layer expected (num_moe_layers={n})")
+            for i, rows in enumerate(sim):
+                if len(rows) != e:
+                    raise ValueError(f"expert_similarity[{i}]: has {len(rows)} rows, num_experts={e}")
+                for j, row in enumerate(rows):
+                    if len(row) != e:
+                        raise ValueError(f"expert_similarity[{i}][{j}]: has {len(row)} entries, num_experts={e}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A spec without `expert_similarity` dumps exactly as before the field existed (a result file's
+        `config.model`, a header written by hand from `model_dump`)."""
+        out = handler(self)
+        if self.expert_similarity is None:
+            out.pop("expert_similarity", None)
+        return out
 
     @property
     def num_moe_layers(self) -> int:
@@ -98,6 +134,14 @@ class Header(_Strict):
     model: ModelSpec
     recording: Recording = Field(default_factory=Recording)
     fields: Fields = Field(default_factory=Fields)
+
+    def carries(self, name: str) -> bool:
+        """Whether the trace carries `name`, a signal a policy reads (`Policy.uses`): a layer-record
+        field that its `fields` flag promises on every record, or an item of the header's model
+        block (`MODEL_SIGNALS`) that is present."""
+        if name in MODEL_SIGNALS:
+            return getattr(self.model, name) is not None
+        return bool(getattr(self.fields, name, False))
 
 
 class ExpertLoad(_Strict):
