@@ -1,13 +1,17 @@
 """Speed of `sim.curves`: accesses per second of the curve computation, apart from reading the trace.
 
-    python bench/curves_speed.py [--repeats 5]
+    python bench/curves_speed.py [--repeats 5] [--traces TRACE ...]
 
-For each shipped trace and partition, best of the repeats, in one process:
+For each trace (default: the two shipped Mixtral traces) and partition, best of the repeats, in one
+process:
 
 - read + validate: iterating `TraceReader` (gzip, JSON, pydantic), nothing else;
 - calls: the validated records turned into keys in access order (`calls_from_records`);
 - LRU: the stack depths of every access (`lru_depths`) and the hits at every size (`hits_below`);
-- OPT: the same with the Belady priority stack (`opt_depths`);
+- OPT: the same with the Belady priority stack (`opt_depths`, level by level in numpy);
+- OPT walk: the same stack walked call by call in Python (`_opt_depths_walk`, the implementation
+  `opt_depths` replaced and is tested against), timed alternately with OPT in the same loop, and the
+  ratio of the two (speed-up), which is steadier than either figure on a shared machine;
 - curves: `compute_curves`, everything after reading (calls excluded): LRU, OPT, the sizes, the bound.
 
 An access is one distinct expert of one layer call (what `sim.replay` counts as `accesses`).
@@ -31,6 +35,7 @@ import numpy as np  # noqa: E402
 from sim.curves import (  # noqa: E402
     Calls,
     Partition,
+    _opt_depths_walk,
     calls_from_records,
     compute_curves,
     hits_below,
@@ -52,6 +57,17 @@ def best(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def best_pair(fa: Callable[[], object], fb: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Best times of two functions run alternately (A, B, A, B, ...): both see the same machine."""
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, times in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return min(ta), min(tb)
+
+
 def curve(depths: Callable[[Calls, Partition], np.ndarray], calls: Calls, partition: Partition, sizes: list[int]) -> list[int]:
     return hits_below(depths(calls, partition), sizes)
 
@@ -71,11 +87,13 @@ def row(path: Path, repeats: int) -> list[str]:
     for partition in ("global", "per_layer"):
         sizes = compute_curves(calls, partition).sizes
         t_lru = best(partial(curve, lru_depths, calls, partition, sizes), repeats)
-        t_opt = best(partial(curve, opt_depths, calls, partition, sizes), repeats)
+        t_opt, t_walk = best_pair(
+            partial(curve, opt_depths, calls, partition, sizes), partial(curve, _opt_depths_walk, calls, partition, sizes), repeats
+        )
         t_all = best(partial(compute_curves, calls, partition), repeats)
         lines.append(
             f"| {path.name} | {partition} | {n:,} | {len(sizes)} | {rate(n, t_read)} | {rate(n, t_calls)} | "
-            f"{rate(n, t_lru)} | {rate(n, t_opt)} | {rate(n, t_all)} |"
+            f"{rate(n, t_lru)} | {rate(n, t_opt)} | {rate(n, t_walk)} | {t_walk / t_opt:.2f}x | {rate(n, t_all)} |"
         )
     return lines
 
@@ -83,12 +101,15 @@ def row(path: Path, repeats: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--traces", nargs="+", type=Path, default=TRACES, metavar="TRACE",
+                    help="traces to time (default: the Mixtral GSM8K and HumanEval traces)")
     args = ap.parse_args()
     print(f"python {platform.python_version()}, {platform.machine()}, best of {args.repeats}; "
           "accesses/s (microseconds per access)")
-    print("| trace | partition | accesses | sizes | read + validate | calls | LRU curve | OPT curve | curves (LRU + OPT + bound) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for path in TRACES:
+    print("| trace | partition | accesses | sizes | read + validate | calls | LRU curve | OPT curve | OPT walk | "
+          "OPT speed-up | curves (LRU + OPT + bound) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for path in args.traces:
         print("\n".join(row(path, args.repeats)))
 
 

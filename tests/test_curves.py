@@ -21,12 +21,15 @@ from sim.config import CacheConfig
 from sim.curves import (
     NEVER,
     Calls,
+    _opt_depths_walk,
     calls_from_records,
     compute_curves,
     count_less,
     curves,
     lru_depths,
     main,
+    opt_depths,
+    read_calls,
     simulate_hits,
 )
 from sim.hardware import load_profile
@@ -36,6 +39,7 @@ from traces.synthetic import iid_calls, toy_model, write_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 GSM8K = ROOT / "traces" / "mixtral-8x7b-gsm8k.jsonl.gz"
+HUMANEVAL = ROOT / "traces" / "mixtral-8x7b-humaneval.jsonl.gz"
 HW = load_profile("rtx4090")
 PARTITIONS = ["global", "per_layer"]
 
@@ -124,6 +128,80 @@ def test_curves_equal_replay_at_every_size(tmp_path: Path, tr: tuple[int, int, i
             size = row["size"]
             assert row["lru"]["hits"] == replay_hits(path, "lru", partition, size), (partition, size, row["method"])
             assert row["opt"]["hits"] == replay_hits(path, "belady", partition, size), (partition, size, row["method"])
+
+
+# -- OPT depths: the level-by-level computation against the call-by-call walk ---------------------------
+def make_calls(layers: int, experts: int, calls: list[tuple[int, list[int]]]) -> Calls:
+    """Calls given directly: (layer, distinct experts in access order) each, any order and any size."""
+    model = toy_model(num_layers=layers, num_experts=experts, top_k=1)
+    keys = [layer * experts + e for layer, order in calls for e in order]
+    starts = np.zeros(len(calls) + 1, dtype=np.int64)
+    np.cumsum([len(order) for _, order in calls], out=starts[1:])
+    lay = np.asarray([layer for layer, _ in calls], dtype=np.int64)
+    return Calls(model, np.asarray(keys, dtype=np.int64), starts, lay, np.arange(len(calls), dtype=np.int64))
+
+
+@st.composite
+def raw_calls(draw: st.DrawFn, max_calls: int = 60) -> Calls:
+    """Calls of 1 to all experts of a layer in any order: most of one size (decode), one in `odd` of
+    any size (a prefill call among them: rare ones are wider than the carries most calls keep), few
+    experts (deep reuse) or many (keys that never come back)."""
+    layers = draw(st.integers(1, 4))
+    experts = draw(st.integers(1, 10))
+    usual = draw(st.integers(1, experts))  # the size most calls keep to
+    odd = draw(st.sampled_from([1, 2, 8, 30]))
+    calls = []
+    for _ in range(draw(st.integers(0, max_calls))):
+        m = draw(st.integers(1, experts)) if draw(st.integers(1, odd)) == 1 else usual
+        calls.append((draw(st.integers(0, layers - 1)), draw(st.permutations(range(experts)))[:m]))
+    return make_calls(layers, experts, calls)
+
+
+@settings(max_examples=400, deadline=None)
+@given(raw_calls())
+def test_opt_depths_equal_the_walk(c: Calls) -> None:
+    """Every depth, not just the curve: first accesses `NEVER`, and the same level for every reuse."""
+    for partition in PARTITIONS:
+        assert np.array_equal(opt_depths(c, partition), _opt_depths_walk(c, partition)), partition  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "calls",
+    [
+        [],  # no accesses
+        [(0, [0])],  # one access
+        [(0, [2, 0, 1])] * 5,  # the same call again and again: the stack never moves
+        [(0, [0, 1, 2, 3, 4, 5])] + [(0, [j % 6, (j + 2) % 6]) for j in range(20)] + [(0, [5, 4, 3, 2, 1, 0])],
+        [(0, [j % 7]) for j in range(30)] + [(0, list(range(7)))],  # a cyclic scan, then a call needing all
+        [(j % 3, [(j * 5) % 4, (j * 3 + 1) % 4]) for j in range(40)],  # three layers, two keys a call
+        [(0, [0, 1]), (1, [0]), (0, [2, 3, 0]), (1, [1, 0]), (0, [1]), (1, [2, 1, 0])],
+        # decode calls of two keys and one prefill call of seven: it keeps carries past the usual two
+        [(j % 2, [(3 * j) % 9, (3 * j + 4) % 9]) for j in range(30)]
+        + [(1, [8, 0, 7, 1, 6, 2, 5])]
+        + [(j % 2, [(5 * j) % 9, (5 * j + 2) % 9]) for j in range(30)],
+    ],
+)
+def test_opt_depths_edge_cases(calls: list[tuple[int, list[int]]]) -> None:
+    layers = 1 + max((layer for layer, _ in calls), default=0)
+    experts = 1 + max((e for _, order in calls for e in order), default=0)
+    c = make_calls(layers, experts, calls)
+    for partition in PARTITIONS:
+        assert np.array_equal(opt_depths(c, partition), _opt_depths_walk(c, partition)), partition  # type: ignore[arg-type]
+
+
+def test_opt_depths_on_a_long_trace_use_wide_ints() -> None:
+    """50,000 one-key calls: ranks times restarts no longer fit 32 bits, so the levels run in int64."""
+    rng = np.random.default_rng(7)
+    c = make_calls(1, 9, [(0, [int(e)]) for e in rng.zipf(1.6, 50_000) % 9])
+    assert (c.n_calls + 2) * (c.accesses + 2) >= 2**31
+    assert np.array_equal(opt_depths(c, "global"), _opt_depths_walk(c, "global"))
+
+
+@pytest.mark.parametrize("path", [GSM8K, HUMANEVAL], ids=["gsm8k", "humaneval"])
+def test_opt_depths_equal_the_walk_on_the_shipped_traces(path: Path) -> None:
+    c = read_calls(path)
+    for partition in PARTITIONS:
+        assert np.array_equal(opt_depths(c, partition), _opt_depths_walk(c, partition)), partition  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
