@@ -81,6 +81,7 @@ SPECS: list[str] = [
     "substitute(threshold=0.3)",
     "substitute(threshold=0.5)",
     "substitute(threshold=0.5, similarity=probs)",
+    "substitute(threshold=0.5, similarity=weights)",
     "buddy",
     "hobbit(threshold=0.3)",
     "hobbit(bits=8, threshold=0.3)",
@@ -93,6 +94,7 @@ QUALITY_MODELS = {"coarse": 4, "fine": 12}  # zoo model -> experts cached per la
 QUALITY_FAMILIES: dict[str, tuple[float, ...]] = {
     "mobile(threshold={})": (0, 0.1, 0.2, 0.35, 0.5),
     "substitute(threshold={})": (0, 0.1, 0.3, 0.5, 1.0),
+    "substitute(threshold={}, similarity=weights)": (0, 0.3, 0.5, 1.0),
     "buddy(threshold={})": (0, 0.3, 0.5, 1.0),
     "hobbit(threshold={})": (0, 0.1, 0.3, 0.5, 1.0),
     "hobbit(bits=8, threshold={})": (0, 0.1, 0.3, 0.5, 1.0),
