@@ -119,11 +119,17 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | t
         if not (path / "config.json").exists():
             raise ModelError(f"{path}: no config.json, not a Hugging Face checkpoint directory")
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
         kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a local checkpoint loads in a blink; the bar was only noise on stderr
         try:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"{path}: cannot load: {str(exc).splitlines()[0]}") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
     model = model.to(device=device, dtype=dtype).eval()
     return model, name
