@@ -55,9 +55,8 @@ import numpy as np
 from policies import CacheError, Counters, LayerRequest, PolicySpecError, apply_plan, make_policy
 from policies.base import Future
 from sim.config import CacheConfig
-from sim.replay import file_digest
 from traces.cli import OneLineParser
-from traces.io import TraceError, TraceReader, write_text_atomic
+from traces.io import TraceError, TraceReader, file_digest, write_text_atomic
 from traces.schema import LayerRecord, ModelSpec
 
 TOOL = "moe-offload-lab 0.1.0"

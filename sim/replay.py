@@ -11,7 +11,6 @@ digest included) and `metrics`; identical inputs give byte-identical files.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ from sim.config import GIB, CacheConfig
 from sim.engine import SimResult, Simulation, Timeline, future_of
 from sim.hardware import GB, HardwareError, HardwareProfile, load_profile, presets
 from traces.cli import OneLineParser
-from traces.io import Record, TraceError, TraceReader, write_text_atomic
+from traces.io import Record, TraceError, TraceReader, file_digest, write_text_atomic
 
 TOOL = "moe-offload-lab 0.1.0"
 DEFAULT_HARDWARE = "rtx4090"
@@ -48,14 +47,6 @@ class ReplayResult:
 
     def to_json(self) -> str:
         return json.dumps({"config": self.config, "metrics": self.metrics}, indent=2, sort_keys=True) + "\n"
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def replay(

@@ -211,7 +211,7 @@ class Report:
             except (TraceError, OSError) as exc:
                 self.notes.append(f"trace {names[sha]} is not readable here ({exc}): no bound or popularity for it")
                 continue
-            from sim.replay import file_digest
+            from traces.io import file_digest
 
             if file_digest(Path(r["trace_path"])) != sha:
                 self.notes.append(f"trace {r['trace_path']} changed since the sweep ran: no bound or popularity for it")

@@ -69,7 +69,7 @@ from sim.config import CacheConfig
 from sim.hardware import HardwareError, HardwareProfile, load_profile
 from sim.tomlpos import format_loc, key_lines, line_of
 from traces.cli import OneLineParser
-from traces.io import TraceError, TraceReader, write_text_atomic
+from traces.io import TraceError, TraceReader, file_digest, write_text_atomic
 from traces.schema import Header, ModelSpec
 
 RESULTS_FILE = "results.jsonl"
@@ -184,14 +184,6 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _Where:
     """Turns a location in the sweep file into `file:line: key: ` for one-line errors."""
 
@@ -230,7 +222,7 @@ def _policy_spec(base: Path, written: str) -> tuple[str, dict[str, str]]:
                 except TraceError as exc:
                     raise PolicySpecError(f"policy {name!r}: parameter trace: {exc}") from None
                 params[k] = str(p)
-                files[str(p)] = _digest(p)
+                files[str(p)] = file_digest(p)
                 changed = True
         args = ", ".join(f"{k}={v!r}" for k, v in params.items())
         out.append(f"{name}({args})" if args else name)
@@ -323,7 +315,7 @@ def _check(spec: SweepFile, path: Path, where: _Where, full_trace_check: bool) -
             raise where.error(["traces", i], str(exc)) from None
         except OSError as exc:
             raise where.error(["traces", i], f"{p}: cannot read: {exc.strerror or exc}") from None
-        sha = _digest(p)
+        sha = file_digest(p)
         if sha in seen_trace:
             raise where.error(["traces", i], f"the same trace as traces[{seen_trace[sha]}] (identical content)")
         seen_trace[sha] = i

@@ -8,6 +8,7 @@ converter needs to know *where*, not a pydantic traceback.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import tempfile
@@ -366,3 +367,12 @@ class TraceWriter:
             self.close()
         else:
             self.abort()
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks: what results cite to name the trace they came from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
