@@ -22,6 +22,7 @@ from policies import PolicySpecError
 from runtime.links import LinkError
 from runtime.models import ModelError, load_model
 from runtime.offload import OffloadError, offload
+from runtime.quality import compare
 from runtime.record import RecordError, encode, read_prompts
 from traces.cli import OneLineParser
 
@@ -33,7 +34,7 @@ DEFAULT_TEXT = (
 
 def _quality_pass(model: torch.nn.Module, text_ids: torch.Tensor, prompts: list[torch.Tensor], max_new: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     with torch.no_grad():
-        logits = model(text_ids).logits[0, :-1].float()
+        logits = model(text_ids).logits[0].float()
         gens = [
             model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=max_new, min_new_tokens=max_new,
                            do_sample=False, pad_token_id=0)[0, p.shape[1]:]
@@ -63,12 +64,7 @@ def run(
     size = {k: v for k, v in {"cache_experts": cache_experts, "cache_per_layer": cache_per_layer}.items() if v is not None}
     with offload(model, policy, link=link, name=name, **size) as session:
         logits, gens = _quality_pass(model, text_ids, prompt_ids, max_new_tokens)
-    target = text_ids[0, 1:]
-    nll = torch.nn.functional.cross_entropy(logits, target)
-    nll_exact = torch.nn.functional.cross_entropy(exact_logits, target)
-    logp_exact = torch.log_softmax(exact_logits, dim=-1)
-    logp = torch.log_softmax(logits, dim=-1)
-    kl = (logp_exact.exp() * (logp_exact - logp)).sum(dim=-1).mean()
+    q = compare(exact_logits, logits, text_ids)
     agree = sum(int((a == b).sum()) for a, b in zip(gens, exact_gens, strict=True))
     total = sum(int(g.numel()) for g in exact_gens)
     m = session.metrics
@@ -77,9 +73,9 @@ def run(
             "model": name,
             "policy": session.policy.spec,
             "link": str(session.link_spec),
-            "perplexity": float(torch.exp(nll)),
-            "perplexity_exact": float(torch.exp(nll_exact)),
-            "kl_divergence": max(float(kl), 0.0),
+            "perplexity": q.perplexity,
+            "perplexity_exact": q.perplexity_exact,
+            "kl_divergence": q.kl,
             "token_agreement": agree / total if total else 1.0,
         }
     )
