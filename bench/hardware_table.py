@@ -1,4 +1,4 @@
-"""Print the hardware-preset tables of docs/hardware.md (markdown) from sim/profiles/*.json.
+"""Print the hardware-preset tables of docs/hardware.md (markdown) from lab/profiles/*.json.
 
     python bench/hardware_table.py [--model mixtral-8x7b] [--dtype bf16] [--section presets|defaults]
 
@@ -9,7 +9,7 @@ expert for one token, and how many experts fit in the HBM left for the cache
 (`HardwareProfile.expert_budget_bytes // expert_bytes`); then every preset's `references`.
 `--section defaults` prints instead the default of every optional field of the profile format.
 
-Units: memory sizes (HBM, reserve, expert and dense weights) in GiB (2**30 bytes, `sim.hardware.GIB`,
+Units: memory sizes (HBM, reserve, expert and dense weights) in GiB (2**30 bytes, `lab.hardware.GIB`,
 what vendors call GB); bandwidths in decimal GB/s (1e9 bytes per second).
 """
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pydantic import BaseModel  # noqa: E402
 from pydantic_core import PydanticUndefined  # noqa: E402
 
-from sim.hardware import (  # noqa: E402
+from lab.hardware import (  # noqa: E402
     GIB,
     Cost,
     CPUProfile,

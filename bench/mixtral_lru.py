@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sim.config import CacheConfig  # noqa: E402
+from lab.cache import CacheConfig  # noqa: E402
 from sim.replay import replay  # noqa: E402
 
 TRACES = {

@@ -44,9 +44,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lab.cache import CacheConfig  # noqa: E402
+from lab.hardware import GIB, HardwareProfile, load_profile  # noqa: E402
 from policies import REGISTRY, PolicySpecError, parse_spec  # noqa: E402
-from sim.config import CacheConfig  # noqa: E402
-from sim.hardware import GIB, HardwareProfile, load_profile  # noqa: E402
 from sim.replay import ReplayError, replay  # noqa: E402
 from traces.io import read_header  # noqa: E402
 

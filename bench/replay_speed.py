@@ -19,10 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lab.cache import CacheConfig  # noqa: E402
+from lab.hardware import load_profile  # noqa: E402
 from policies import Counters, apply_plan, make_policy  # noqa: E402
-from sim.config import CacheConfig  # noqa: E402
 from sim.engine import Simulation, request_from_record  # noqa: E402
-from sim.hardware import load_profile  # noqa: E402
 from sim.replay import replay  # noqa: E402
 from traces.io import TraceReader  # noqa: E402
 from traces.schema import LayerRecord  # noqa: E402

@@ -21,10 +21,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from lab.hardware import HardwareProfile  # noqa: E402
 from runtime.calibrate import calibrate  # noqa: E402
 from runtime.record import read_prompts  # noqa: E402
 from runtime.validate import table, validate  # noqa: E402
-from sim.hardware import HardwareProfile  # noqa: E402
 
 SETTINGS = [
     ("transfer-bound", "emulated:0.1GB/s,20us", 3),

@@ -27,8 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lab.cache import CacheConfig  # noqa: E402
 from runtime.zoo import CHECKPOINTS, LOG_FILE, NAMES  # noqa: E402
-from sim.config import CacheConfig  # noqa: E402
 from sim.curves import Calls, read_calls, simulate_hits  # noqa: E402
 from sim.replay import replay  # noqa: E402
 from traces.stats import trace_stats  # noqa: E402

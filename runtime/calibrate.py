@@ -17,7 +17,7 @@ the simulator is told):
 - the per-step rest (embeddings, LM head, sampling, the framework);
 - the device's memory bandwidth (a large copy) and matmul throughput (for the profile's record).
 
-The output validates as `sim.hardware.HardwareProfile` with `source: "calibrated"` and a `fit` for
+The output validates as `lab.hardware.HardwareProfile` with `source: "calibrated"` and a `fit` for
 this model, which `python -m sim.replay --hardware profile.json` accepts.
 """
 

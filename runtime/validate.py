@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lab.cache import CacheConfig
+from lab.hardware import HardwareError, HardwareProfile, load_profile
 from policies import Future, PolicySpecError, make_policy
 from policies.costs import variant_bytes
 from runtime.calibrate import calibrate
@@ -26,8 +28,6 @@ from runtime.links import LinkError
 from runtime.models import ModelError
 from runtime.offload import OffloadError
 from runtime.record import RecordError, read_prompts, record
-from sim.config import CacheConfig
-from sim.hardware import HardwareError, HardwareProfile, load_profile
 from sim.replay import replay
 from traces.cli import OneLineParser
 from traces.io import TraceError, write_text_atomic

@@ -52,9 +52,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lab.cache import CacheConfig
 from policies import CacheError, Counters, LayerRequest, PolicySpecError, apply_plan, make_policy
 from policies.base import Future
-from sim.config import CacheConfig
 from traces.cli import OneLineParser
 from traces.io import TraceError, TraceReader, file_digest, write_text_atomic
 from traces.schema import LayerRecord, ModelSpec

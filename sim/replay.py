@@ -21,11 +21,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from lab.cache import GIB, CacheConfig
+from lab.hardware import GB, HardwareError, HardwareProfile, load_profile, presets
 from policies import CacheError, PolicySpecError, available, make_policy
 from policies.costs import variant_bytes
-from sim.config import GIB, CacheConfig
 from sim.engine import SimResult, Simulation, Timeline, future_of
-from sim.hardware import GB, HardwareError, HardwareProfile, load_profile, presets
 from traces.cli import OneLineParser
 from traces.io import Record, TraceError, TraceReader, file_digest, write_text_atomic
 

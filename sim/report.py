@@ -305,7 +305,7 @@ class Report:
 
     def _belady(self, sha: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Belady's hit rates at the sweep's sizes, replayed here (the sweep did not include it)."""
-        from sim.config import CacheConfig
+        from lab.cache import CacheConfig
         from sim.replay import replay
 
         facts = self.facts.get(sha)
@@ -444,7 +444,7 @@ class Report:
         return cands[(len(cands) - 1) // 2]
 
     def fig_timeline(self, row: dict[str, Any], steps: int, first: int | None) -> tuple[go.Figure, str]:
-        from sim.config import CacheConfig
+        from lab.cache import CacheConfig
         from sim.engine import Timeline
         from sim.replay import replay
         from sim.timeline import figure

@@ -63,10 +63,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lab.cache import CacheConfig
+from lab.hardware import HardwareError, HardwareProfile, load_profile
 from policies import CacheError, PolicySpecError, make_policy, parse_spec
 from policies.costs import variant_bytes
-from sim.config import CacheConfig
-from sim.hardware import HardwareError, HardwareProfile, load_profile
 from sim.tomlpos import format_loc, key_lines, line_of
 from traces.cli import OneLineParser
 from traces.io import TraceError, TraceReader, file_digest, write_text_atomic

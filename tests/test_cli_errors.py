@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.hardware import PROFILE_DIR, presets
 from policies import available
-from sim.hardware import PROFILE_DIR, presets
 from traces.synthetic import iid_calls, toy_model, write_trace
 
 ROOT = Path(__file__).resolve().parent.parent

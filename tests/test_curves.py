@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sim.config import CacheConfig
+from lab.cache import CacheConfig
+from lab.hardware import load_profile
 from sim.curves import (
     NEVER,
     Calls,
@@ -32,7 +33,6 @@ from sim.curves import (
     read_calls,
     simulate_hits,
 )
-from sim.hardware import load_profile
 from sim.replay import replay
 from traces.schema import LayerRecord
 from traces.synthetic import iid_calls, toy_model, write_trace

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 
-from sim.config import CacheConfig
+from lab.cache import CacheConfig
 from sim.engine import request_from_record
 from sim.replay import replay
 from traces.io import TraceReader

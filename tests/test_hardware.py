@@ -1,4 +1,4 @@
-"""Hardware presets and the cost model derived from them (sim/hardware.py)."""
+"""Hardware presets and the cost model derived from them (lab/hardware.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from lab.hardware import GB, PROFILE_DIR, Cost, Fit, HardwareError, HardwareProfile, load_profile, presets
 from policies.costs import ComputeCost
-from sim.hardware import GB, PROFILE_DIR, Cost, Fit, HardwareError, HardwareProfile, load_profile, presets
 from traces.models import model_preset
 
 PRESETS = presets()

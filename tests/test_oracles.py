@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sim.config import CacheConfig
-from sim.hardware import load_profile
+from lab.cache import CacheConfig
+from lab.hardware import load_profile
 from sim.replay import replay
 from traces.synthetic import cyclic_calls, iid_calls, toy_model, write_trace, zipf_probs
 

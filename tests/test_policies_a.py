@@ -12,6 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lab.cache import CacheConfig
+from lab.hardware import load_profile
 from policies import (
     ComputeCost,
     CostModel,
@@ -23,9 +25,7 @@ from policies import (
     apply_plan,
     make_policy,
 )
-from sim.config import CacheConfig
 from sim.engine import Timeline
-from sim.hardware import load_profile
 from sim.replay import ReplayError, replay
 from traces.io import TraceWriter
 from traces.schema import Fields, Header, LayerRecord, ModelSpec, Recording, StepRecord

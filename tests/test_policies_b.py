@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lab.cache import CacheConfig
 from policies import Counters, ExpertCache, LayerRequest, PolicySpecError, apply_plan, make_policy
 from policies.costs import variant_bytes
-from sim.config import CacheConfig
 from sim.replay import ReplayError, replay
 from traces.io import TraceWriter
 from traces.schema import Fields, Header, LayerRecord, ModelSpec, Recording, StepRecord

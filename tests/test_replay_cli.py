@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sim.config import CacheConfig
-from sim.hardware import load_profile
+from lab.cache import CacheConfig
+from lab.hardware import load_profile
 from traces.io import read_header
 
 ROOT = Path(__file__).resolve().parent.parent

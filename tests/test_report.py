@@ -186,7 +186,7 @@ def test_replay_chrome_trace(tmp_path: Path) -> None:
             assert lo - 1e-3 <= e["ts"] and e["ts"] + e["dur"] <= hi + 1e-3
     assert {e["cat"] for e in complete} >= {"step", "dense", "expert", "load"}
     # the same as the timeline the Gantt chart draws
-    from sim.config import CacheConfig
+    from lab.cache import CacheConfig
     from sim.engine import Timeline
     from sim.replay import replay
     from sim.timeline import chrome_trace

@@ -11,12 +11,12 @@ import pytest
 torch = pytest.importorskip("torch", reason="the runtime extra (.[runtime]) is not installed")
 pytest.importorskip("transformers", reason="the runtime extra (.[runtime]) is not installed")
 
+from lab.cache import CacheConfig  # noqa: E402
 from policies import Future  # noqa: E402
 from runtime import OffloadError, offload  # noqa: E402
 from runtime.links import LinkError, parse_link  # noqa: E402
 from runtime.models import TINY, load_model  # noqa: E402
 from runtime.record import record  # noqa: E402
-from sim.config import CacheConfig  # noqa: E402
 from sim.replay import replay  # noqa: E402
 from traces.io import TraceReader  # noqa: E402
 

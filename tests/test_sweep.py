@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.cache import CacheConfig
 from policies import REGISTRY, DemandPolicy, register
-from sim.config import CacheConfig
 from sim.replay import replay
 from sim.sweep import (
     RESULTS_FILE,
@@ -92,7 +92,7 @@ def test_hash_is_sha256_of_the_canonical_config(tmp_path: Path, traces: tuple[Pa
     again = load_sweep(write_sweep(tmp_path, BASE.replace('"lfu(decay=0.9)"', '"lfu( decay = 0.90 )"'), "t.toml"))
     assert [p.config_hash for p in sw.points] == [p.config_hash for p in again.points]  # canonical spec
     p = sw.points[0]
-    from sim.hardware import load_profile
+    from lab.hardware import load_profile
     from sim.replay import TOOL
 
     cfg = {

@@ -12,10 +12,10 @@ import pytest
 pytest.importorskip("torch", reason="the runtime extra (.[runtime]) is not installed")
 pytest.importorskip("transformers", reason="the runtime extra (.[runtime]) is not installed")
 
+from lab.hardware import HardwareProfile  # noqa: E402
 from runtime.calibrate import calibrate  # noqa: E402
 from runtime.run import run  # noqa: E402
 from runtime.validate import validate  # noqa: E402
-from sim.hardware import HardwareProfile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LINK = "emulated:2GB/s,20us"

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from lab.cache import CacheConfig
 from policies import Counters, ExpertCache, LayerRequest, PolicySpecError, apply_plan, make_policy
 from policies.costs import variant_bytes
-from sim.config import CacheConfig
 from sim.replay import ReplayError, replay
 from traces.io import TraceError, TraceReader
 from traces.schema import Header, ModelSpec

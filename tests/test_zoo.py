@@ -13,12 +13,12 @@ import pytest
 torch = pytest.importorskip("torch", reason="the runtime extra (.[runtime]) is not installed")
 pytest.importorskip("transformers", reason="the runtime extra (.[runtime]) is not installed")
 
+from lab.cache import CacheConfig  # noqa: E402
 from runtime.models import ModelError, load_model  # noqa: E402
 from runtime.record import encode  # noqa: E402
 from runtime.zoo import CHECKPOINTS, LOG_FILE, NAMES, checkpoint_dir  # noqa: E402
 from runtime.zoo.corpus import held_out_blocks, stdlib_corpus  # noqa: E402
 from runtime.zoo.presets import PRESETS, build_model, mean_nll, perplexity  # noqa: E402
-from sim.config import CacheConfig  # noqa: E402
 from sim.replay import replay  # noqa: E402
 from traces.io import TraceReader  # noqa: E402
 from traces.schema import LayerRecord, StepRecord  # noqa: E402
