@@ -40,6 +40,43 @@ class ComputeCost:
 
 
 @dataclass(frozen=True, slots=True)
+class HostCost:
+    """What the host thread (the Python that drives the model) spends, in seconds, on its own
+    timeline: the simulator's `host` process pays these while the compute stream runs what it has
+    been given (DESIGN section 5). Measured by `runtime.calibrate`; a profile without them has no
+    host timeline and replays as before it existed.
+
+    `queue_depth` is how many kernels the compute stream may hold that have not finished when a
+    launch returns: 0 is a synchronous device (the CPU: the host computes each kernel itself), a
+    CUDA stream holds about a thousand. The host also waits where the runtime synchronises: when it
+    reads a layer's routing back before planning (`sync_routing`; a runtime that routes on the
+    device without reading back would not) and at the end of every step.
+    """
+
+    queue_depth: int = 1024
+    sync_routing: bool = True  # the host reads each layer's routing back before it plans (a device sync)
+    step_s: float = 0.0  # once per forward step: the framework, the LM head's launch, sampling
+    layer_s: float = 0.0  # per MoE layer call: launching its dense part, reading the routing, bookkeeping
+    dense_layer_s: float = 0.0  # per decoder layer without experts: launching it
+    plan_s: float = 0.0  # the policy's planning and the signals it reads, per call (any policy without its own entry)
+    plans: tuple[tuple[str, float], ...] = ()  # (policy spec, plan_s) measured with that policy
+    copy_s: float = 0.0  # per copy: planning the load, handing it to the link (before the copy can start)
+    expert_s: float = 0.0  # per GPU expert: its rows, its kernels' launches, the weighted sum
+
+    def plan_for(self, spec: str) -> float:
+        """The planning cost of policy `spec`: its own measurement, else that of the same policy
+        name with other parameters, else `plan_s`."""
+        for s, v in self.plans:
+            if s == spec:
+                return v
+        name = spec.split("(")[0]
+        for s, v in self.plans:
+            if s.split("(")[0] == name:
+                return v
+        return self.plan_s
+
+
+@dataclass(frozen=True, slots=True)
 class CostModel:
     h2d_latency_s: float
     h2d_bytes_per_s: float
@@ -48,6 +85,8 @@ class CostModel:
     gpu_expert: ComputeCost
     cpu_expert: ComputeCost
     step: ComputeCost = ComputeCost()  # once per forward step: embeddings, LM head, sampling, framework
+    host: HostCost | None = None  # the host's own timeline; None: the compute stream alone (as before it existed)
+    dense_per_key_s: float = 0.0  # attention's cost per (token row x position it attends to), on top of `dense`
 
     def transfer_s(self, variant: str = "full") -> float:
         return self.h2d_latency_s + self.variant_bytes[variant] / self.h2d_bytes_per_s
@@ -58,7 +97,11 @@ class CostModel:
     def cpu_expert_s(self, tokens: int) -> float:
         return self.cpu_expert(tokens)
 
-    def dense_s(self, tokens: int) -> float:
+    def dense_s(self, tokens: int, keys: int = 0) -> float:
+        """The non-expert part of one decoder layer for `tokens` rows that attend to `keys`
+        positions in all (a decode row at context length L attends to L + 1, itself included)."""
+        if keys and self.dense_per_key_s:
+            return self.dense(tokens) + self.dense_per_key_s * keys
         return self.dense(tokens)
 
 

@@ -5,11 +5,16 @@ Hardware is modelled as SimPy processes and resources named for what they are:
 - `gpu_stream`: the compute stream. One generator walks the trace layer by layer: the dense part of
   the layer, then the plan's GPU experts in execution order, each waiting for its own weights, so
   copies and computes pipeline inside a layer.
-- `h2d_engine`: the copy engine(s), fed by a priority queue (urgent loads before prefetches, FIFO
-  within each class, a started copy never pre-empted). A copy into a slot first waits for the slot's
-  previous occupant to be released: its own copy done, and its compute done if the current call
-  uses it; it waits off the queue, so the engines copy something else meanwhile.
+- `copies`: the copy engine(s) (`sim.copyengine.CopyEngine`), fed by a priority queue (urgent loads
+  before prefetches, FIFO within each class, a started copy never pre-empted). A copy into a slot
+  first waits for the slot's previous occupant to be released: its own copy done, and its compute
+  done if the current call uses it; it waits off the queue, so the engines copy something else meanwhile.
 - `cpu`: a resource for experts the plan runs on the host (Fiddler-style).
+- `host` (`sim.host`), when the cost model has host costs (`CostModel.host`): the thread that plans
+  each layer, submits its copies and launches its kernels, each at its own cost, on a timeline of
+  its own; the compute stream then runs only what the host has launched, and the host waits where
+  the runtime synchronises. Without host costs the compute stream is driven directly (below), as
+  before the host timeline existed, to the bit.
 
 The policy sees the cache at plan time (after the layer's dense part: the router decides then);
 `policies.apply_plan` changes the cache and the counters, so hits + in-flight hits, misses and bytes
@@ -19,20 +24,20 @@ do not depend on timing and equal the runtime's. Only the split between `hits` a
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import simpy
 
-from policies import Counters, ExpertCache, Future, Key, LayerPlan, LayerRequest, Policy, apply_plan
+from policies import Counters, ExpertCache, Future, Key, LayerRequest, Policy, apply_plan
 from policies.costs import CostModel
+from sim.context import with_keys
+from sim.copyengine import PREFETCH, URGENT, CopyEngine, Transfer
 from traces.schema import LayerRecord, ModelSpec, StepRecord
 
-URGENT, PREFETCH = 0, 1
+__all__ = ["PREFETCH", "URGENT", "Interval", "SimResult", "Simulation", "StepTime", "Timeline", "Transfer", "future_of",
+           "request_from_record"]
 
 
 def request_from_record(rec: LayerRecord) -> LayerRequest:
@@ -94,30 +99,6 @@ class Timeline:
             self.intervals.append(Interval(lane, start, end, label, step))
 
 
-@dataclass(slots=True)
-class _Transfer:
-    key: Key
-    nbytes: int
-    wait: list[simpy.Event]
-    step: int
-    urgent: bool
-    copy: simpy.Event | None = None  # the Timeout, once the copy has started
-    end: float | None = None  # when it lands, once started
-    waiter: simpy.Event | None = None  # for whoever must wait before it has started
-    dep: _Transfer | None = None  # the copy out of this one's slot (its victim's), if it was still in flight
-    state: str = "queued"  # "queued", "parked" (off the queue until its slot is free) or "taken" (started)
-    prio: int = 0  # its place in the copy queue: (prio, seq)
-    seq: int = 0
-
-    def event(self, env: simpy.Environment) -> simpy.Event:
-        """An event that fires when the copy lands."""
-        if self.copy is not None:
-            return self.copy
-        if self.waiter is None:
-            self.waiter = env.event()
-        return self.waiter
-
-
 @dataclass
 class StepTime:
     step: int
@@ -136,6 +117,7 @@ class SimResult:
     gpu_busy_s: float
     link_busy_s: float
     copy_engines: int
+    host: dict[str, float] | None = None  # the host timeline's own metrics, when it was simulated
 
     def metrics(self) -> dict[str, Any]:
         m = self.counters.metrics([(s.phase, s.start, s.end) for s in self.steps])
@@ -149,6 +131,8 @@ class SimResult:
                 "link_busy_frac": self.link_busy_s / (self.copy_engines * span) if span else 0.0,
             }
         )
+        if self.host is not None:
+            m.update(self.host)
         return m
 
 
@@ -168,124 +152,16 @@ class Simulation:
         self.timeline = timeline
         self.env = simpy.Environment()
         self.counters = Counters()
-        # the copy queue: (priority, seq, transfer) in a heap; `_h2d_free` lists idle engines
-        self.h2d_queue: list[tuple[int, int, int, _Transfer]] = []  # (prio, seq, tiebreak, transfer)
-        self._h2d_free: list[int] = list(range(copy_engines))
+        self.copies = CopyEngine(self.env, costs, cache, copy_engines, timeline.add if timeline is not None else None)
         self.cpu = simpy.Resource(self.env, capacity=1)
         self.copy_engines = copy_engines
-        self.loading: dict[Key, _Transfer] = {}  # keys whose copy is queued or running
-        self._seq = itertools.count()
         self.steps: list[StepTime] = []
         self.stall_s = 0.0  # the GPU waiting for copies
         self.cpu_wait_s = 0.0  # the GPU waiting for experts run on the CPU
         self.gpu_busy_s = 0.0
-        self.link_busy_s = 0.0
         self.nonmoe_layers = model.num_layers - model.num_moe_layers
 
-    # -- the copy engines ---------------------------------------------------------------------------
-    # A server in SimPy's own style (as its resources are built): a started copy is a Timeout whose
-    # callback finishes it and starts the next, so an uncontended copy costs one event.
-    def _push(self, tr: _Transfer, prio: int | None = None) -> None:
-        """Queue a copy: a new one at the end of its class, a parked one back at its old place."""
-        if prio is not None:
-            tr.prio, tr.seq = prio, next(self._seq)
-        tr.state = "queued"
-        heapq.heappush(self.h2d_queue, (tr.prio, tr.seq, next(self._seq), tr))
-
-    def _h2d_start(self, at: float | None = None) -> None:
-        while self._h2d_free and self.h2d_queue:
-            entry = heapq.heappop(self.h2d_queue)
-            tr = entry[3]
-            if tr.state != "queued":  # a stale entry: the copy was taken along by one into its slot (below)
-                continue
-            # A copy whose slot's previous copy is still queued (an urgent load evicted a prefetch that
-            # has not started) would wait behind a copy it outranks: that copy goes first, on this
-            # engine, and this one goes back to its place.
-            run = tr
-            while run.dep is not None and run.dep.state == "queued":
-                run = run.dep
-            if run is not tr:
-                heapq.heappush(self.h2d_queue, entry)
-                tr = run
-            pending = [ev for ev in tr.wait if not ev.processed]
-            if pending:  # its slot is not free yet: off the queue, without an engine, until it is
-                self._h2d_park(tr, pending)
-                continue
-            tr.state = "taken"
-            self._h2d_free.sort()
-            self._h2d_begin(tr, self._h2d_free.pop(0), self.env.now if at is None else at)
-
-    def _h2d_park(self, tr: _Transfer, pending: list[simpy.Event]) -> None:
-        """A copy whose slot is still in use (its previous occupant's copy running, or its compute in
-        the current call not done) leaves the queue and takes no engine, so the engines copy what
-        can be copied meanwhile (a prefetch the compute stream waits for, say); once the slot is
-        free it goes back to its old place in the queue, ahead of everything queued after it."""
-        tr.state = "parked"
-
-        def retry(_: simpy.Event) -> None:
-            rest = [ev for ev in pending if not ev.processed]
-            if rest:
-                rest[0].callbacks.append(retry)
-            else:
-                self._push(tr)
-                self._h2d_start()
-
-        pending[0].callbacks.append(retry)
-
-    def _h2d_begin(self, tr: _Transfer, lane: int, start: float) -> None:
-        env = self.env
-        duration = self.costs.h2d_latency_s + tr.nbytes / self.costs.h2d_bytes_per_s
-        tr.end = start + duration
-        tr.copy = env.timeout(tr.end - env.now)
-        tr.copy.callbacks.append(partial(self._h2d_finish, tr, lane, start))
-
-    def _h2d_finish(self, tr: _Transfer, lane: int, start: float, _: simpy.Event) -> None:
-        now = self.env.now
-        self.link_busy_s += now - start
-        if self.timeline is not None:
-            kind = "load" if tr.urgent else "prefetch"
-            self.timeline.add(f"h2d{lane}", start, now, f"{kind} L{tr.key[0]}E{tr.key[1]}", tr.step)
-        if self.loading.get(tr.key) is tr:
-            del self.loading[tr.key]
-            self.cache.complete(tr.key)
-        if tr.waiter is not None:
-            tr.waiter.succeed()
-        self._h2d_free.append(lane)
-        self._h2d_start()
-
-    def _issue(self, plan: LayerPlan, step: int, release: dict[Key, simpy.Event], at: float) -> list[_Transfer]:
-        """Queue the plan's copies and start what can start (at time `at`: the compute stream's
-        present, when it runs ahead of the clock with nothing in flight); returns the urgent ones."""
-        loading, sizes, env = self.loading, self.costs.variant_bytes, self.env
-        urgent: list[_Transfer] = []
-        for prio, group in ((URGENT, plan.loads), (PREFETCH, plan.prefetch)):
-            for ld in group:
-                wait = []
-                dep = None
-                if ld.victim is not None:
-                    prev = loading.pop(ld.victim, None)  # evicting a key still in flight: wait for its copy
-                    if prev is not None:
-                        wait.append(prev.event(env))
-                        dep = prev
-                    rel = release.get(ld.victim)
-                    if rel is not None:
-                        wait.append(rel)
-                tr = _Transfer(ld.key, sizes[ld.variant], wait, step, prio == URGENT)
-                if dep is not None and dep.state != "taken":
-                    tr.dep = dep
-                loading[ld.key] = tr
-                if not wait and not self.h2d_queue and self._h2d_free:  # an idle engine takes it at once
-                    tr.state = "taken"
-                    self._h2d_free.sort()
-                    self._h2d_begin(tr, self._h2d_free.pop(0), at)
-                else:
-                    self._push(tr, prio)
-                    self._h2d_start(at)
-                if prio == URGENT:
-                    urgent.append(tr)
-        return urgent
-
-    # -- the compute stream ------------------------------------------------------------------------
+    # -- the compute stream, driven directly (no host costs) ----------------------------------------
     def _cpu_experts(self, costs: list[float]) -> Iterator[simpy.Event]:
         with self.cpu.request() as req:
             yield req
@@ -298,7 +174,8 @@ class Simulation:
         before it waits for a copy whose landing time is not yet known."""
         env, cache, policy, costs, counters = self.env, self.cache, self.policy, self.costs, self.counters
         tl = self.timeline
-        loading = self.loading
+        copies = self.copies
+        loading = copies.loading
         variant_bytes = costs.variant_bytes
         engines = self.copy_engines
         step = -1
@@ -309,9 +186,11 @@ class Simulation:
         dense_s = _memo(costs.dense_s)
         expert_s = _memo(costs.gpu_expert_s)
         step_s = _memo(costs.step)
-        for rec in records:
-            if not isinstance(rec, LayerRecord):
-                continue
+        per_key = costs.dense_per_key_s
+        stream: Iterable[tuple[LayerRecord, int]] = (
+            with_keys(records) if per_key else ((r, 0) for r in records if isinstance(r, LayerRecord))
+        )
+        for rec, keys in stream:
             if rec.step != step:
                 if step >= 0:
                     self._end_step(step, phase, step_start, env.now + t)
@@ -320,13 +199,13 @@ class Simulation:
                 t += d
                 self.gpu_busy_s += d
                 if self.nonmoe_layers:
-                    d = self.nonmoe_layers * dense_s(rec.tokens)
+                    d = self.nonmoe_layers * (dense_s(rec.tokens) + per_key * keys)
                     if tl is not None:
                         tl.add("gpu", env.now + t, env.now + t + d, "dense layers", step)
                     t += d
                     self.gpu_busy_s += d
             # the dense part (attention, router) first: the router's choice exists only after it
-            d = dense_s(rec.tokens)
+            d = dense_s(rec.tokens) + per_key * keys if keys else dense_s(rec.tokens)
             if tl is not None:
                 tl.add("gpu", env.now + t, env.now + t + d, f"dense L{rec.layer}", step)
             t += d
@@ -343,13 +222,13 @@ class Simulation:
                     if release is no_release:
                         release = {}
                     release[ld.victim] = env.event()
-            if t > 0 and (plan.cpu or release or len(self._h2d_free) < engines):
+            if t > 0 and (plan.cpu or release or len(copies.free) < engines):
                 yield env.timeout(t)  # these interact with other processes: start them at the present
                 t = 0.0
-            waits = {k: loading[k] for k in plan.execute if k in loading} if loading else {}
+            waits: dict[Key, Transfer] = {k: loading[k] for k in plan.execute if k in loading} if loading else {}
             apply_plan(cache, req, plan, counters, variant_bytes)
             if plan.loads or plan.prefetch:
-                for tr in self._issue(plan, step, release, env.now + t):
+                for tr in copies.issue(plan, step, release, env.now + t):
                     waits[tr.key] = tr
             counts = plan.tokens_per_expert(req)
             cpu_proc = None
@@ -404,8 +283,19 @@ class Simulation:
         self.policy.observe(step)
 
     def run(self, records: Iterable[LayerRecord | StepRecord]) -> SimResult:
-        driver = self.env.process(self._gpu_stream(records))
+        host = None
+        if self.costs.host is not None:
+            from sim.host import HostDriver
+
+            driver_obj = HostDriver(self)
+            driver = self.env.process(driver_obj.run(records))
+        else:
+            driver = self.env.process(self._gpu_stream(records))
         self.env.run(until=driver)
         end = self.env.now
+        if self.costs.host is not None:
+            end = driver_obj.end
+            host = driver_obj.metrics(end)
         # prefetches still queued or copying after the last compute do not delay any step
-        return SimResult(self.counters, self.steps, end, self.stall_s, self.cpu_wait_s, self.gpu_busy_s, min(self.link_busy_s, end * self.copy_engines), self.copy_engines)
+        return SimResult(self.counters, self.steps, end, self.stall_s, self.cpu_wait_s, self.gpu_busy_s,
+                         min(self.copies.busy_s, end * self.copy_engines), self.copy_engines, host)

@@ -1,4 +1,5 @@
-"""The timeline of a replay as a plotly Gantt chart: one row per stream (GPU compute, each copy engine);
+"""The timeline of a replay as a plotly Gantt chart: one row per stream (the host, when the profile has
+host costs; GPU compute; each copy engine);
 and the same intervals as Chrome/Perfetto trace events (chrome://tracing, ui.perfetto.dev)."""
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import plotly.graph_objects as go
 from sim.engine import Timeline
 from traces.io import write_text_atomic
 
-_COLOURS = {"dense": "#8c8c8c", "expert": "#1f77b4", "stall": "#f7b6b6", "load": "#d62728", "prefetch": "#2ca02c"}
+_COLOURS = {"dense": "#8c8c8c", "expert": "#1f77b4", "stall": "#f7b6b6", "load": "#d62728", "prefetch": "#2ca02c",
+            # the host lane (a profile with host costs): its own work
+            "step": "#bcbd22", "launch": "#c5b0d5", "plan": "#9467bd", "submit": "#ff9896", "cpu": "#ff7f0e"}
 
 
 def figure(tl: Timeline, title: str = "timeline") -> go.Figure:
@@ -59,7 +62,7 @@ def write_timeline(tl: Timeline, path: Path, title: str = "timeline") -> None:
 
 
 def _lanes(tl: Timeline) -> list[str]:
-    return sorted({iv.lane for iv in tl.intervals}, key=lambda s: (s != "gpu", s))
+    return sorted({iv.lane for iv in tl.intervals}, key=lambda s: (s != "host", s != "gpu", s))
 
 
 def chrome_trace(tl: Timeline, title: str = "timeline") -> dict[str, Any]:
