@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
-from policies.costs import ComputeCost, CostModel
+from policies.costs import ComputeCost, CostModel, HostCost
 from traces.schema import ModelSpec
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -91,6 +99,78 @@ class Fit(_Strict):
     gpu_expert: Cost
     cpu_expert: Cost
     step: Cost = Field(default_factory=Cost, description="once per forward step: embeddings, LM head, sampling, framework")
+    dense_per_key_s: float | None = Field(
+        None, ge=0, description="attention's cost per token row and position it attends to, on top of `dense` "
+        "(which then holds the cost at no context): decode at context L pays it L + 1 times per row")
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("dense_per_key_s") is None:
+            out.pop("dense_per_key_s", None)
+        return out
+
+
+class HostProfile(_Strict):
+    """The host thread's own costs, in seconds: the Python that drives the model (DESIGN section 5).
+    The simulator runs them on a `host` timeline of their own (`sim.host`): the thread plans each
+    layer call, hands its copies to the link and launches its kernels, and the compute stream runs
+    what has been launched. A profile without this block has no host timeline: the compute stream
+    is driven directly and every host cost is whatever the `fit` folded into the compute."""
+
+    queue_depth: int = Field(1024, ge=0, description="launched kernels the compute stream may hold unfinished "
+                             "when a launch returns; 0: a synchronous device (the CPU), a CUDA stream holds ~1000")
+    sync_routing: bool = Field(True, description="the host reads each layer's routing back before it plans (a device sync)")
+    step_s: float = Field(0.0, ge=0, description="once per forward step: the framework, the LM head's launch, sampling")
+    layer: Cost = Field(default_factory=Cost, description="per MoE layer call, by token rows: launching its dense part")
+    dense_layer_s: float = Field(0.0, ge=0, description="per decoder layer without experts: launching it")
+    plan: Cost = Field(default_factory=Cost, description="per layer call, by token rows: the policy's planning, the "
+                       "signals it reads, the runtime's bookkeeping (any policy without its own entry in `plans`)")
+    plans: dict[str, Cost] = Field(default_factory=dict, description="`plan` measured with a given policy (canonical spec)")
+    copy_s: float = Field(0.0, ge=0, description="per copy: planning the load, handing it to the link (before it can start)")
+    expert: Cost = Field(default_factory=Cost, description="per GPU expert, by its token rows: finding its rows, launching its kernels")
+    policy: str | None = Field(None, description="the policy `plan` was measured with")
+
+    def host_cost(self) -> HostCost:
+        return HostCost(
+            queue_depth=self.queue_depth, sync_routing=self.sync_routing, step_s=self.step_s,
+            layer=self.layer.compute_cost(), dense_layer_s=self.dense_layer_s, plan=self.plan.compute_cost(),
+            plans=tuple((k, v.compute_cost()) for k, v in sorted(self.plans.items())), copy_s=self.copy_s,
+            expert=self.expert.compute_cost(),
+        )
+
+
+class Spread(_Strict):
+    """One calibrated quantity's repeated measurements: the median (what the profile uses), the
+    quartiles, and how many samples were kept and rejected as outliers."""
+
+    median: float
+    q1: float
+    q3: float
+    n: int = Field(ge=0)
+    rejected: int = Field(0, ge=0)
+
+    @property
+    def rel_iqr(self) -> float:
+        """The interquartile range relative to the median (0 when the median is 0)."""
+        return (self.q3 - self.q1) / abs(self.median) if self.median else 0.0
+
+
+class Calibration(_Strict):
+    """How a calibrated profile was measured: repeats, the machine's load around it, the spread of
+    every quantity (keyed by where it went in the profile, e.g. `fit.dense@1`, `link.latency_us`)."""
+
+    repeats: int = Field(ge=1)
+    loadavg_before: list[float] = Field(default_factory=list, description="os.getloadavg() before (1, 5, 15 min)")
+    loadavg_after: list[float] = Field(default_factory=list)
+    cpus: int | None = Field(None, description="CPUs this process may run on")
+    steal_before: float | None = Field(None, description="share of a spin probe's wall time the CPU was taken away")
+    steal_after: float | None = None
+    spreads: dict[str, Spread] = Field(default_factory=dict)
+    max_rel_iqr: float = Field(0.0, ge=0, description="the largest relative interquartile spread of the quantities that matter")
+    threshold: float = Field(0.1, ge=0, description="max_rel_iqr above this: the profile is noisy")
+    noisy: bool = False
+    warnings: list[str] = Field(default_factory=list)
 
 
 class HardwareProfile(_Strict):
@@ -102,6 +182,18 @@ class HardwareProfile(_Strict):
     gpu: GPUProfile
     cpu: CPUProfile
     fit: Fit | None = None
+    host: HostProfile | None = None
+    calibration: Calibration | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A profile without a host or a calibration record dumps exactly as before those blocks
+        existed (the `config.hardware` of a replay's `--out`)."""
+        out = handler(self)
+        for k in ("host", "calibration"):
+            if out.get(k) is None:
+                out.pop(k, None)
+        return out
 
     # -- derived ----------------------------------------------------------------------------------
     def expert_budget_bytes(self, model: ModelSpec) -> int:
@@ -118,9 +210,11 @@ class HardwareProfile(_Strict):
         variants = variant_bytes or {"full": model.expert_bytes}
         bw = self.link.h2d_gbps * GB / self.link.copy_engines
         step = ComputeCost()
+        per_key = 0.0
         if self.fit is not None:
             dense, gpu_e, cpu_e = (c.compute_cost() for c in (self.fit.dense, self.fit.gpu_expert, self.fit.cpu_expert))
             step = self.fit.step.compute_cost()
+            per_key = self.fit.dense_per_key_s or 0.0
         else:
             g, c = self.gpu, self.cpu
             flops = g.peak_tflops * 1e12 * g.flops_efficiency
@@ -141,6 +235,8 @@ class HardwareProfile(_Strict):
             gpu_expert=gpu_e,
             cpu_expert=cpu_e,
             step=step,
+            host=self.host.host_cost() if self.host is not None else None,
+            dense_per_key_s=per_key,
         )
 
 

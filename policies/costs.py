@@ -56,16 +56,16 @@ class HostCost:
     queue_depth: int = 1024
     sync_routing: bool = True  # the host reads each layer's routing back before it plans (a device sync)
     step_s: float = 0.0  # once per forward step: the framework, the LM head's launch, sampling
-    layer_s: float = 0.0  # per MoE layer call: launching its dense part, reading the routing, bookkeeping
+    layer: ComputeCost = ComputeCost()  # per MoE layer call, by token rows: launching its dense part
     dense_layer_s: float = 0.0  # per decoder layer without experts: launching it
-    plan_s: float = 0.0  # the policy's planning and the signals it reads, per call (any policy without its own entry)
-    plans: tuple[tuple[str, float], ...] = ()  # (policy spec, plan_s) measured with that policy
+    plan: ComputeCost = ComputeCost()  # per layer call, by token rows: the policy's planning, its signals, the bookkeeping
+    plans: tuple[tuple[str, ComputeCost], ...] = ()  # (policy spec, plan) measured with that policy
     copy_s: float = 0.0  # per copy: planning the load, handing it to the link (before the copy can start)
-    expert_s: float = 0.0  # per GPU expert: its rows, its kernels' launches, the weighted sum
+    expert: ComputeCost = ComputeCost()  # per GPU expert, by its token rows: its rows, its kernels' launches
 
-    def plan_for(self, spec: str) -> float:
+    def plan_for(self, spec: str) -> ComputeCost:
         """The planning cost of policy `spec`: its own measurement, else that of the same policy
-        name with other parameters, else `plan_s`."""
+        name with other parameters, else `plan`."""
         for s, v in self.plans:
             if s == spec:
                 return v
@@ -73,7 +73,7 @@ class HostCost:
         for s, v in self.plans:
             if s.split("(")[0] == name:
                 return v
-        return self.plan_s
+        return self.plan
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,13 +3,13 @@ its copies and launches its kernels, and the compute stream that runs what it ha
 
 Per layer call, as the runtime does it (`runtime.offload.OffloadSession.layer_call`):
 
-1. the host launches the layer's dense part (attention, router: `HostCost.layer_s`), and the stream
+1. the host launches the layer's dense part (attention, router: `HostCost.layer`), and the stream
    runs it (`CostModel.dense_s`);
 2. the host reads the routing back: it waits until the stream has run everything launched so far
    (a device sync on CUDA; on a synchronous device it already has; `HostCost.sync_routing`);
 3. the policy plans (`HostCost.plan_for(policy)`), and the plan is applied (the counts);
 4. each copy is handed to the link (`copy_s` each) and may start once it has been;
-5. each GPU expert is launched (`expert_s` each); on the stream it runs after its copy has landed;
+5. each GPU expert is launched (`expert`); on the stream it runs after its copy has landed;
 6. the experts the plan runs on the CPU are computed by the host itself (`cpu_expert_s`), while
    the stream runs the GPU experts;
 
@@ -72,7 +72,6 @@ class HostDriver:
         self.sim = sim
         self.env = sim.env
         self.h: HostCost = sim.costs.host  # type: ignore[assignment]
-        self.plan_s = self.h.plan_for(sim.policy.spec)
         self.depth = self.h.queue_depth
         self.pending: deque[_Kernel] = deque()  # launched kernels whose start is not yet known
         self.ends: deque[float] = deque(maxlen=self.depth + 1)  # the last kernels' ends, in launch order
@@ -192,6 +191,9 @@ class HostDriver:
         dense_s = _memo(costs.dense_s)
         expert_s = _memo(costs.gpu_expert_s)
         step_s = _memo(costs.step)
+        layer_s = _memo(h.layer)
+        plan_s = _memo(h.plan_for(policy.spec))
+        launch_s = _memo(h.expert)
         per_key = costs.dense_per_key_s
         stream: Iterable[tuple[LayerRecord, int]] = (
             with_keys(records) if per_key else ((r, 0) for r in records if isinstance(r, LayerRecord))
@@ -215,7 +217,7 @@ class HostDriver:
                     yield from self._launch(_Kernel(self.host_t, d, None, None, "dense layers", step, cpu_iv))
                     cpu_iv = None
             layer = rec.layer
-            self._work(h.layer_s, f"launch L{layer}", step)
+            self._work(layer_s(rec.tokens), f"launch L{layer}", step)
             d = dense_s(rec.tokens) + per_key * keys if keys else dense_s(rec.tokens)
             yield from self._launch(_Kernel(self.host_t, d, None, None, f"dense L{layer}", step, cpu_iv))
             cpu_iv = None
@@ -223,7 +225,7 @@ class HostDriver:
                 yield from self._sync()  # the routing is read back: the dense part has run
             if loading:  # copies landing meanwhile change what the policy sees
                 yield from self._catch_up()
-            self._work(self.plan_s, f"plan L{layer}", step)
+            self._work(plan_s(rec.tokens), f"plan L{layer}", step)
             req = request_from_record(rec)
             plan = policy.plan(req, cache)
             release: dict[Key, simpy.Event] = {}
@@ -244,9 +246,10 @@ class HostDriver:
                         waits[tr.key] = tr
             counts = plan.tokens_per_expert(req)
             for key in plan.order:
-                self._work(h.expert_s, f"launch L{key[0]}E{key[1]}", step)
+                n = counts[key[1]]
+                self._work(launch_s(n), f"launch L{key[0]}E{key[1]}", step)
                 tr = waits.get(key)
-                k = _Kernel(self.host_t, expert_s(counts[key[1]]), tr, release.get(key), f"expert L{key[0]}E{key[1]}", step, cpu_iv)
+                k = _Kernel(self.host_t, expert_s(n), tr, release.get(key), f"expert L{key[0]}E{key[1]}", step, cpu_iv)
                 cpu_iv = None
                 yield from self._launch(k)
             if plan.cpu:  # the host computes them itself, while the stream runs the GPU experts

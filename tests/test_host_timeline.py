@@ -51,7 +51,7 @@ def test_three_stage_pipeline(h: float, p: float, c: float) -> None:
     flow through host, link and stream like jobs through a three-machine flow shop, whose makespan for
     N identical jobs is h + p + c + (N - 1) max(h, p, c)."""
     n = 8
-    res = simulate(n, costs(p, c, HostCost(plan_s=h, sync_routing=False)))
+    res = simulate(n, costs(p, c, HostCost(plan=ComputeCost(h), sync_routing=False)))
     assert res.makespan_s == pytest.approx(h + p + c + (n - 1) * max(h, p, c), rel=1e-12)
     assert res.steps[0].end - res.steps[0].start == pytest.approx(res.makespan_s, rel=1e-12)
     assert res.counters.misses == n
@@ -63,8 +63,8 @@ def test_synchronous_device_serialises_the_stages(h: float, p: float, c: float) 
     """queue_depth 0 (a synchronous device, the CPU): the host waits for every kernel, so nothing
     overlaps: N (h + p + c). Reading the routing back (a sync per layer) does the same on a deep stream."""
     n = 8
-    for host in (HostCost(plan_s=h, queue_depth=0, sync_routing=False), HostCost(plan_s=h, queue_depth=0),
-                 HostCost(plan_s=h)):
+    for host in (HostCost(plan=ComputeCost(h), queue_depth=0, sync_routing=False),
+                 HostCost(plan=ComputeCost(h), queue_depth=0), HostCost(plan=ComputeCost(h))):
         res = simulate(n, costs(p, c, host))
         assert res.makespan_s == pytest.approx(n * (h + p + c), rel=1e-12), host
         assert res.stall_s == pytest.approx(n * p, rel=1e-12)
@@ -76,7 +76,7 @@ def test_launch_overlaps_the_previous_layer(a: float, h: float, p: float, c: flo
     and expert run, the stream then runs it (d), the host syncs and plans (h). The first layer takes
     a + d + h, every later one max(a, p + c) + d + h, and the last copy and expert p + c."""
     n = 6
-    res = simulate(n, costs(p, c, HostCost(layer_s=a, plan_s=h), dense=d))
+    res = simulate(n, costs(p, c, HostCost(layer=ComputeCost(a), plan=ComputeCost(h)), dense=d))
     want = a + d + h + (n - 1) * (max(a, p + c) + d + h) + p + c
     assert res.makespan_s == pytest.approx(want, rel=1e-12)
 
@@ -89,7 +89,7 @@ def test_bounded_queue_depth() -> None:
     n, h, p, c = 8, 0.0005, 0.001, 0.003
 
     def span(depth: int) -> float:
-        return simulate(n, costs(p, c, HostCost(plan_s=h, sync_routing=False, queue_depth=depth))).makespan_s
+        return simulate(n, costs(p, c, HostCost(plan=ComputeCost(h), sync_routing=False, queue_depth=depth))).makespan_s
 
     assert span(10**6) == pytest.approx(h + p + c + (n - 1) * c, rel=1e-12)
     assert span(0) == pytest.approx(n * (h + p + c), rel=1e-12)
@@ -120,7 +120,7 @@ def test_zero_host_costs_equal_the_direct_stream() -> None:
 
 def test_host_lane_in_the_timeline() -> None:
     tl = Timeline(4, 0)
-    simulate(3, costs(0.002, 0.001, HostCost(plan_s=0.0005, layer_s=0.0002, copy_s=0.0001)), timeline=tl)
+    simulate(3, costs(0.002, 0.001, HostCost(plan=ComputeCost(0.0005), layer=ComputeCost(0.0002), copy_s=0.0001)), timeline=tl)
     lanes = {iv.lane for iv in tl.intervals}
     assert lanes == {"host", "gpu", "h2d0"}
     host = [iv.label.split(" ")[0] for iv in tl.intervals if iv.lane == "host"]
@@ -164,3 +164,23 @@ def test_decode_cost_grows_with_the_context() -> None:
         assert lat[0] == pytest.approx(n_layers * (0.001 + per_key * 10), rel=1e-9)  # 1+2+3+4 positions
         for i, ctx in enumerate((4, 5, 6), start=1):
             assert lat[i] == pytest.approx(n_layers * (0.001 + per_key * (ctx + 1)), rel=1e-9)
+
+
+def test_profile_host_block() -> None:
+    """A profile's `host` block reaches the engine; without it the dump has no `host` key (so a
+    replay's `--out` is as before) and the cost model no host."""
+    from lab.hardware import HardwareProfile, load_profile
+
+    base = load_profile("rtx4090").model_dump()
+    base.pop("host", None)
+    plain = HardwareProfile.model_validate(base)
+    assert "host" not in plain.model_dump() and "calibration" not in plain.model_dump()
+    assert plain.cost_model(model(2)).host is None
+    with_host = HardwareProfile.model_validate({**base, "host": {"queue_depth": 0, "plan": {"points": [[1, 1e-4], [8, 2e-4]]},
+                                                                  "plans": {"lru+fiddler": {"fixed_s": 3e-4}}, "copy_s": 5e-5}})
+    hc = with_host.cost_model(model(2)).host
+    assert hc is not None and hc.queue_depth == 0 and hc.copy_s == 5e-5
+    assert hc.plan_for("lru")(1) == 1e-4 and hc.plan_for("lru")(8) == 2e-4
+    assert hc.plan_for("lru+fiddler")(1) == 3e-4
+    assert with_host.model_dump()["host"]["queue_depth"] == 0
+    assert HardwareProfile.model_validate(with_host.model_dump()) == with_host
