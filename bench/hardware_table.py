@@ -30,6 +30,7 @@ from lab.hardware import (  # noqa: E402
     CPUProfile,
     GPUProfile,
     HardwareProfile,
+    HostProfile,
     LinkProfile,
     load_profile,
     presets,
@@ -53,12 +54,15 @@ def defaults() -> None:
     rows = []
     parts: list[tuple[str, type[BaseModel]]] = [
         ("", HardwareProfile), ("link.", LinkProfile), ("gpu.", GPUProfile), ("cpu.", CPUProfile), ("fit.*.", Cost),
+        ("host.", HostProfile),
     ]
     for prefix, model in parts:
         for name, field in model.model_fields.items():
             if field.default is PydanticUndefined and field.default_factory is None:
                 continue
             value = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+            if isinstance(value, BaseModel):  # a cost: all zero
+                value = value.model_dump(exclude_defaults=True)
             rows.append([f"`{prefix}{name}`", f"`{value!r}`" if not isinstance(value, bool) else f"`{str(value).lower()}`"])
     print(_table(["field", "default"], rows, right=set()))
 
