@@ -1,20 +1,36 @@
-"""Throughput of `sim.replay`: layer-steps (trace layer records) per second, in one process.
+"""Throughput of `sim.replay` against yardsticks measured in the same run.
 
-    python bench/replay_speed.py [--repeats 5]
+    python bench/replay_speed.py [--repeats 7] [--trace traces/mixtral-8x7b-humaneval.jsonl.gz]
 
-Each run is the whole `sim.replay.replay()` call: reading and validating the gzip trace, the policy,
-the SimPy model and the metrics. Reports the median and the best of the repeats for LRU on the
-GSM8K Mixtral trace at several per-layer cache sizes (more misses mean more simulated copies).
+Each replay is the whole `sim.replay.replay()` call: the columnar trace (from its on-disk cache after
+the first read, `traces.trace_cache`), the policy, the SimPy timing model and the metrics. Beside it,
+timed alternately in the same loop so that a loaded machine slows both alike:
+
+- **plain-Python LRU**: a per-layer LRU written as a researcher would write it in a notebook, an
+  `OrderedDict` per layer over the same calls (each call's experts in access order, prepared before
+  timing), with the project's semantics (an expert of the current call is never evicted for another
+  of the same call; recency after the call is its access order) so that its hit count equals the
+  replay's, which the bench checks;
+- **public tools**, where installed (a bench-only virtual environment, never a dependency): a
+  fixed-latency replay of the same calls in `libcachesim` (its C LRU, per layer) and `moe-policylang`.
+
+"x LRU" is replay time over LRU time, the median of the per-repeat ratios: the number that means
+something on a shared machine, where absolute rates are mostly the machine's load (printed before
+and after). Then the stage line: the same replay split into trace load, requests, policy + apply,
+and the engine.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -22,76 +38,179 @@ sys.path.insert(0, str(ROOT))
 from lab.cache import CacheConfig  # noqa: E402
 from lab.hardware import load_profile  # noqa: E402
 from policies import Counters, apply_plan, make_policy  # noqa: E402
-from sim.engine import Simulation, request_from_record  # noqa: E402
+from sim import calls as sim_calls  # noqa: E402
+from sim.engine import Simulation  # noqa: E402
 from sim.replay import replay  # noqa: E402
-from traces.io import TraceReader  # noqa: E402
-from traces.schema import LayerRecord  # noqa: E402
+from traces.columnar import read_columnar  # noqa: E402
 
-TRACE = ROOT / "traces" / "mixtral-8x7b-gsm8k.jsonl.gz"
+TRACE = ROOT / "traces" / "mixtral-8x7b-humaneval.jsonl.gz"
 
 
-def stages(per_layer: int = 4, repeats: int = 5) -> None:
-    """Where the time goes: each stage timed on its own (best of `repeats`), per layer-step."""
+def lru_calls(trace: Path) -> tuple[list[tuple[int, list[int]]], int]:
+    """(layer, experts in access order) of every call, and the number of layers."""
+    col = read_columnar(trace)
+    out = [(r.layer, r.experts_in_access_order()) for r in sim_calls.requests(col)]
+    return out, col.header.model.num_moe_layers
 
-    def best(fn) -> float:  # type: ignore[no-untyped-def]
+
+def plain_lru(calls: list[tuple[int, list[int]]], n_layers: int, k: int) -> int:
+    """Per-layer LRU in plain Python; returns the hits."""
+    caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(n_layers)]
+    hits = 0
+    for layer, experts in calls:
+        c = caches[layer]
+        for e in experts:
+            if e in c:
+                hits += 1
+            else:
+                if len(c) >= k:
+                    for v in c:  # least recent first, never one of this call's experts
+                        if v not in experts:
+                            break
+                    del c[v]
+                c[e] = None
+        for e in experts:
+            c.move_to_end(e)
+    return hits
+
+
+# -- public tools (optional) ------------------------------------------------------------------------
+def _libcachesim() -> Any:
+    try:
+        import libcachesim  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return libcachesim
+
+
+def libcachesim_lru(lcs: Any, calls: list[tuple[int, list[int]]], n_layers: int, k: int) -> int:
+    """libCacheSim's C LRU, one cache of k objects per layer, fed request by request."""
+    caches = [lcs.LRU(cache_size=k) for _ in range(n_layers)]
+    hits = 0
+    req = lcs.Request()
+    for layer, experts in calls:
+        c = caches[layer]
+        for e in experts:
+            req.obj_id = e
+            req.obj_size = 1
+            if c.get(req):
+                hits += 1
+    return hits
+
+
+def tools() -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    lcs = _libcachesim()
+    if lcs is not None:
+        found["libcachesim"] = lcs
+    return found
+
+
+# -- the bench --------------------------------------------------------------------------------------
+def measure(trace: Path, k: int, repeats: int, calls: list[tuple[int, list[int]]], n_layers: int, found: dict[str, Any]) -> dict[str, Any]:
+    cache = CacheConfig(per_layer=k)
+    rows: dict[str, list[float]] = {"replay": [], "lru": [], **{name: [] for name in found}}
+    hits: dict[str, int] = {}
+    m: dict[str, Any] = {}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        m = replay(trace, "lru", cache).metrics
+        rows["replay"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        hits["lru"] = plain_lru(calls, n_layers, k)
+        rows["lru"].append(time.perf_counter() - t0)
+        if "libcachesim" in found:
+            t0 = time.perf_counter()
+            hits["libcachesim"] = libcachesim_lru(found["libcachesim"], calls, n_layers, k)
+            rows["libcachesim"].append(time.perf_counter() - t0)
+    replay_hits = m["hits"] + m["inflight_hits"]
+    if hits["lru"] != replay_hits:
+        raise SystemExit(f"the plain LRU counts {hits['lru']} hits, the replay {replay_hits}: not the same work")
+    n = m["layer_calls"]
+    out = {"k": k, "hit_rate": m["hit_rate"], "n": n, "median": n / statistics.median(rows["replay"]),
+           "best": n / min(rows["replay"]),
+           "x_lru": statistics.median(r / y for r, y in zip(rows["replay"], rows["lru"], strict=True)),
+           "lru_rate": n / statistics.median(rows["lru"])}
+    for name in found:
+        out[f"x_{name}"] = statistics.median(r / y for r, y in zip(rows["replay"], rows[name], strict=True))
+        out[f"{name}_hits"] = hits[name]
+    return out
+
+
+def stages(trace: Path, per_layer: int, repeats: int) -> str:
+    """Where the time goes, each stage timed on its own (best of `repeats`), per layer-step."""
+    col = read_columnar(trace)
+    model = col.header.model
+    n = col.n
+
+    def best(fn: Any) -> float:
         return min(fn() for _ in range(repeats))
 
-    def read() -> float:
+    def load() -> float:
         t0 = time.perf_counter()
-        for _ in TraceReader(TRACE):
+        read_columnar(trace)
+        return time.perf_counter() - t0
+
+    def reqs() -> float:
+        t0 = time.perf_counter()
+        for _ in sim_calls.requests(col):
             pass
         return time.perf_counter() - t0
 
-    records = list(TraceReader(TRACE))
-    layer_records = [r for r in records if isinstance(r, LayerRecord)]
-    model = TraceReader(TRACE).header.model
-    n = len(layer_records)
-
     def policy_and_apply() -> float:
-        reqs = [request_from_record(r) for r in layer_records]
+        rs = list(sim_calls.requests(col))
         pol, cache = make_policy("lru"), CacheConfig(per_layer=per_layer).build(model)
         pol.reset(model, cache, None)
         counters = Counters()
         t0 = time.perf_counter()
-        for req in reqs:
+        for req in rs:
             apply_plan(cache, req, pol.plan(req, cache), counters, {"full": model.expert_bytes})
             cache.inflight.clear()  # no engine here: every copy lands at once
         return time.perf_counter() - t0
 
     def simulate() -> float:
+        rs = list(sim_calls.requests(col))
         pol, cache = make_policy("lru"), CacheConfig(per_layer=per_layer).build(model)
         costs = load_profile("rtx4090").cost_model(model)
         pol.reset(model, cache, costs)
         t0 = time.perf_counter()
-        Simulation(model, pol, cache, costs).run(records)
+        Simulation(model, pol, cache, costs).run(rs)
         return time.perf_counter() - t0
 
-    r, p, s = best(read), best(policy_and_apply), best(simulate)
+    ld, rq, pa, sm = best(load), best(reqs), best(policy_and_apply), best(simulate)
     us = 1e6 / n
-    print(f"\nstages, lru, {per_layer} experts per layer, best of {repeats}, microseconds per layer-step:")
-    print(f"read + validate {r * us:.2f} | policy + apply {p * us:.2f} | requests, compute stream, copy engine "
-          f"{(s - p) * us:.2f} | simulation without reading {s * us:.2f} | sum {(r + s) * us:.2f}")
+    return (f"stages, lru, {per_layer} experts per layer, best of {repeats}, microseconds per layer-step:\n"
+            f"trace from cache {ld * us:.2f} | requests {rq * us:.2f} | policy + apply {pa * us:.2f} | "
+            f"compute stream, copy engine {(sm - pa) * us:.2f} | simulation {sm * us:.2f} | sum {(ld + rq + sm) * us:.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--trace", type=Path, default=TRACE)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 6], help="experts per layer")
     args = ap.parse_args()
-    replay(TRACE, args.policy, CacheConfig(per_layer=4))  # warm imports and caches
-    print(f"python {platform.python_version()}, {platform.processor() or platform.machine()}, trace {TRACE.name}")
-    print("| policy | experts per layer | hit rate | layer-steps | median layer-steps/s | best layer-steps/s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for k in (2, 4, 6):
-        rates = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            m = replay(TRACE, args.policy, CacheConfig(per_layer=k)).metrics
-            rates.append(m["layer_calls"] / (time.perf_counter() - t0))
-        print(
-            f"| {args.policy} | {k} | {m['hit_rate']:.3f} | {m['layer_calls']} | {statistics.median(rates):,.0f} | {max(rates):,.0f} |"
-        )
-    stages(repeats=args.repeats)
+    load0 = os.getloadavg()
+    read_columnar(args.trace)  # the first read builds the cache; every replay below reads it
+    replay(args.trace, "lru", CacheConfig(per_layer=4))  # warm imports
+    calls, n_layers = lru_calls(args.trace)
+    found = tools()
+    print(f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, trace {args.trace.name}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"public tools: {', '.join(found) or 'none installed'}")
+    print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+    extra = "".join(f" x {name} |" for name in found)
+    print(f"| policy | experts per layer | hit rate | layer-steps | median layer-steps/s | best layer-steps/s | x LRU |{extra} plain LRU layer-steps/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(found) + " ---: |")
+    for k in args.sizes:
+        r = measure(args.trace, k, args.repeats, calls, n_layers, found)
+        tool_cols = "".join(f" {r[f'x_{name}']:.1f} |" for name in found)
+        print(f"| lru | {k} | {r['hit_rate']:.3f} | {r['n']} | {r['median']:,.0f} | {r['best']:,.0f} | {r['x_lru']:.1f} |{tool_cols} "
+              f"{r['lru_rate']:,.0f} |")
+    print()
+    print(stages(args.trace, 4, args.repeats))
+    load1 = os.getloadavg()
+    print(f"load average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from policies import LayerRequest
 from traces.schema import LayerRecord, StepRecord
 
 
@@ -76,7 +77,7 @@ def with_keys(records: Iterable[LayerRecord | StepRecord]) -> Iterator[tuple[Lay
             if buf and rec.step == buf[0].step:
                 yield from flush(rec.seq_ids or None)
             continue
-        if not isinstance(rec, LayerRecord):
+        if not isinstance(rec, (LayerRecord, LayerRequest)):
             continue
         if buf and rec.step != buf[0].step:
             yield from flush(None)

@@ -40,8 +40,11 @@ __all__ = ["PREFETCH", "URGENT", "Interval", "SimResult", "Simulation", "StepTim
            "request_from_record"]
 
 
-def request_from_record(rec: LayerRecord) -> LayerRequest:
-    """The policy's view of one trace record; the rows become numpy arrays if a policy asks."""
+def request_from_record(rec: LayerRecord | LayerRequest) -> LayerRequest:
+    """The policy's view of one trace record; the rows become numpy arrays if a policy asks. A
+    request is its own view (a columnar trace's calls, `sim.calls.requests`)."""
+    if isinstance(rec, LayerRequest):
+        return rec
     return LayerRequest(
         rec.step,
         rec.phase,
@@ -188,7 +191,7 @@ class Simulation:
         step_s = _memo(costs.step)
         per_key = costs.dense_per_key_s
         stream: Iterable[tuple[LayerRecord, int]] = (
-            with_keys(records) if per_key else ((r, 0) for r in records if isinstance(r, LayerRecord))
+            with_keys(records) if per_key else ((r, 0) for r in records if isinstance(r, (LayerRecord, LayerRequest)))
         )
         for rec, keys in stream:
             if rec.step != step:

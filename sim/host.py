@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import simpy
 
-from policies import Key, apply_plan
+from policies import Key, LayerRequest, apply_plan
 from policies.costs import HostCost
 from sim.context import with_keys
 from sim.copyengine import PREFETCH, URGENT, Transfer
@@ -196,7 +196,7 @@ class HostDriver:
         launch_s = _memo(h.expert)
         per_key = costs.dense_per_key_s
         stream: Iterable[tuple[LayerRecord, int]] = (
-            with_keys(records) if per_key else ((r, 0) for r in records if isinstance(r, LayerRecord))
+            with_keys(records) if per_key else ((r, 0) for r in records if isinstance(r, (LayerRecord, LayerRequest)))
         )
         step, phase, step_start = -1, "decode", 0.0
         cpu_iv: tuple[float, float] | None = None

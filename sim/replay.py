@@ -23,11 +23,13 @@ from pydantic import ValidationError
 
 from lab.cache import GIB, CacheConfig
 from lab.hardware import GB, HardwareError, HardwareProfile, load_profile, presets
-from policies import CacheError, PolicySpecError, available, make_policy
+from policies import CacheError, LayerRequest, PolicySpecError, available, make_policy
 from policies.costs import variant_bytes
-from sim.engine import SimResult, Simulation, Timeline, future_of
+from sim import calls
+from sim.engine import SimResult, Simulation, Timeline
 from traces.cli import OneLineParser
-from traces.io import Record, TraceError, TraceReader, file_digest, write_text_atomic
+from traces.columnar import read_columnar
+from traces.io import TraceError, write_text_atomic
 
 TOOL = "moe-offload-lab 0.1.0"
 DEFAULT_HARDWARE = "rtx4090"
@@ -62,11 +64,11 @@ def replay(
     """Replay `trace` and return its config and metrics. Raises TraceError, PolicySpecError,
     CacheError or HardwareError with a one-line message on bad input."""
     path = Path(trace)
-    reader = TraceReader(path, allow_truncated=allow_truncated)
-    model = reader.header.model
+    col = read_columnar(path, allow_truncated=allow_truncated)  # cached by digest: a second replay skips parsing
+    model = col.header.model
     profile = hardware if isinstance(hardware, HardwareProfile) else load_profile(hardware)
     pol = make_policy(policy)
-    missing = sorted(f for f in pol.required_fields() if not reader.header.carries(f))
+    missing = sorted(f for f in pol.required_fields() if not col.header.carries(f))
     if missing:
         raise ReplayError(
             f"{path}: policy {pol.spec!r} needs the trace field(s) {', '.join(missing)}, which this trace does not carry "
@@ -83,21 +85,22 @@ def replay(
             f"({max(budget, 0) / GIB:.1f} GiB after {model.dense_bytes / GIB:.1f} GiB dense weights and "
             f"{profile.gpu.reserve_gib:g} GiB reserve); timings assume it fits"
         )
-    future = future_of(TraceReader(path, allow_truncated=allow_truncated)) if pol.wants_future() else None
+    future = calls.future(col) if pol.wants_future() else None
     pol.reset(model, ca, costs, future)
     sim = Simulation(model, pol, ca, costs, copy_engines=profile.link.copy_engines, timeline=timeline)
-    records: Iterator[Record] = iter(reader)
+    records: Iterator[LayerRequest] = calls.requests(col)
     if progress:
         from tqdm import tqdm
 
-        records = tqdm(records, desc=f"replay {path.name}", unit=" rec", unit_scale=True, file=sys.stderr, leave=False, disable=None)
+        records = tqdm(records, desc=f"replay {path.name}", total=col.n, unit=" call", unit_scale=True, file=sys.stderr,
+                       leave=False, disable=None)
     result = sim.run(records)
-    if reader.truncated:
+    if col.truncated:
         notes.append("the trace is truncated (no footer): replayed what it holds")
     notes.extend(pol.notes())  # how the policy ran (a look-ahead that fell back to history, ...)
     config = {
         "tool": TOOL,
-        "trace": {"path": str(trace), "sha256": file_digest(path), "truncated": reader.truncated},
+        "trace": {"path": str(trace), "sha256": col.sha256, "truncated": col.truncated},
         "model": model.model_dump(exclude={"expert_similarity"}),  # the matrix is the trace's (its sha256 above)
         "policy": pol.spec,
         "cache": {
