@@ -84,8 +84,9 @@ def _libcachesim() -> Any:
 
 
 def libcachesim_lru(lcs: Any, calls: list[tuple[int, list[int]]], n_layers: int, k: int) -> int:
-    """libCacheSim's C LRU, one cache of k objects per layer, fed request by request."""
-    caches = [lcs.LRU(cache_size=k) for _ in range(n_layers)]
+    """libCacheSim's C LRU, one cache of k objects per layer, fed request by request from Python
+    (its semantics: a miss may evict an expert of the same call, so its hits differ a little)."""
+    caches = [lcs.LRU(cache_size=k, hashpower=8) for _ in range(n_layers)]
     hits = 0
     req = lcs.Request()
     for layer, experts in calls:
@@ -98,17 +99,55 @@ def libcachesim_lru(lcs: Any, calls: list[tuple[int, list[int]]], n_layers: int,
     return hits
 
 
+def _policylang() -> Any:
+    try:
+        from moe_policylang.benchmark import replay as mpl  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return mpl
+
+
+def policylang_inputs(calls: list[tuple[int, list[int]]], n_layers: int, n_experts: int) -> list[Any]:
+    """Per layer, the (calls, experts) score matrix moe-policylang's replay takes: the call's experts
+    scored by their rank in the access order (so its top-k are the call's experts)."""
+    import numpy as np
+
+    per: list[list[list[int]]] = [[] for _ in range(n_layers)]
+    for layer, experts in calls:
+        per[layer].append(experts)
+    out = []
+    for rows in per:
+        m = np.zeros((len(rows), n_experts), dtype=np.float32)
+        for i, experts in enumerate(rows):
+            for r, e in enumerate(experts):
+                m[i, e] = 1.0 - r / (len(experts) + 1)
+        out.append(m)
+    return out
+
+
+def policylang_lru(mpl: Any, scores: list[Any], top_k: int, k: int) -> int:
+    """moe-policylang's offline replay (`benchmark.replay.policy_topk_lru`), layer by layer: a
+    fixed-latency hit-rate replay, no timing model."""
+    return sum(mpl.policy_topk_lru(s, top_k, k)[0] for s in scores if len(s))
+
+
 def tools() -> dict[str, Any]:
     found: dict[str, Any] = {}
     lcs = _libcachesim()
     if lcs is not None:
         found["libcachesim"] = lcs
+    mpl = _policylang()
+    if mpl is not None:
+        found["moe-policylang"] = mpl
     return found
 
 
 # -- the bench --------------------------------------------------------------------------------------
 def measure(trace: Path, k: int, repeats: int, calls: list[tuple[int, list[int]]], n_layers: int, found: dict[str, Any]) -> dict[str, Any]:
     cache = CacheConfig(per_layer=k)
+    model = read_columnar(trace).header.model
+    top_k = model.top_k
+    scores = policylang_inputs(calls, n_layers, model.num_experts) if "moe-policylang" in found else []
     rows: dict[str, list[float]] = {"replay": [], "lru": [], **{name: [] for name in found}}
     hits: dict[str, int] = {}
     m: dict[str, Any] = {}
@@ -123,11 +162,15 @@ def measure(trace: Path, k: int, repeats: int, calls: list[tuple[int, list[int]]
             t0 = time.perf_counter()
             hits["libcachesim"] = libcachesim_lru(found["libcachesim"], calls, n_layers, k)
             rows["libcachesim"].append(time.perf_counter() - t0)
+        if "moe-policylang" in found:
+            t0 = time.perf_counter()
+            hits["moe-policylang"] = policylang_lru(found["moe-policylang"], scores, top_k, k)
+            rows["moe-policylang"].append(time.perf_counter() - t0)
     replay_hits = m["hits"] + m["inflight_hits"]
     if hits["lru"] != replay_hits:
         raise SystemExit(f"the plain LRU counts {hits['lru']} hits, the replay {replay_hits}: not the same work")
     n = m["layer_calls"]
-    out = {"k": k, "hit_rate": m["hit_rate"], "n": n, "median": n / statistics.median(rows["replay"]),
+    out = {"k": k, "hit_rate": m["hit_rate"], "n": n, "accesses": m["accesses"], "median": n / statistics.median(rows["replay"]),
            "best": n / min(rows["replay"]),
            "x_lru": statistics.median(r / y for r, y in zip(rows["replay"], rows["lru"], strict=True)),
            "lru_rate": n / statistics.median(rows["lru"])}
@@ -199,12 +242,12 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"public tools: {', '.join(found) or 'none installed'}")
     print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
-    extra = "".join(f" x {name} |" for name in found)
+    extra = "".join(f" x {name} (its hit rate) |" for name in found)
     print(f"| policy | experts per layer | hit rate | layer-steps | median layer-steps/s | best layer-steps/s | x LRU |{extra} plain LRU layer-steps/s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(found) + " ---: |")
     for k in args.sizes:
         r = measure(args.trace, k, args.repeats, calls, n_layers, found)
-        tool_cols = "".join(f" {r[f'x_{name}']:.1f} |" for name in found)
+        tool_cols = "".join(f" {r[f'x_{name}']:.1f} ({r[f'{name}_hits'] / r['accesses']:.3f}) |" for name in found)
         print(f"| lru | {k} | {r['hit_rate']:.3f} | {r['n']} | {r['median']:,.0f} | {r['best']:,.0f} | {r['x_lru']:.1f} |{tool_cols} "
               f"{r['lru_rate']:,.0f} |")
     print()
