@@ -16,7 +16,8 @@ timed alternately in the same loop so that a loaded machine slows both alike:
 
 "x LRU" is replay time over LRU time, the median of the per-repeat ratios: the number that means
 something on a shared machine, where absolute rates are mostly the machine's load (printed before
-and after). Then the stage line: the same replay split into trace load, requests, policy + apply,
+and after). Times are this process's CPU seconds by default (`--clock wall` for wall seconds, what a
+quiet machine's table should show; there the two agree). Then the stage line: the same replay split into trace load, requests, policy + apply,
 and the engine.
 """
 
@@ -44,6 +45,7 @@ from sim.replay import replay  # noqa: E402
 from traces.columnar import read_columnar  # noqa: E402
 
 TRACE = ROOT / "traces" / "mixtral-8x7b-humaneval.jsonl.gz"
+CLOCK = time.process_time  # --clock wall: time.perf_counter
 
 
 def lru_calls(trace: Path) -> tuple[list[tuple[int, list[int]]], int]:
@@ -152,20 +154,20 @@ def measure(trace: Path, k: int, repeats: int, calls: list[tuple[int, list[int]]
     hits: dict[str, int] = {}
     m: dict[str, Any] = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         m = replay(trace, "lru", cache).metrics
-        rows["replay"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        rows["replay"].append(CLOCK() - t0)
+        t0 = CLOCK()
         hits["lru"] = plain_lru(calls, n_layers, k)
-        rows["lru"].append(time.perf_counter() - t0)
+        rows["lru"].append(CLOCK() - t0)
         if "libcachesim" in found:
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             hits["libcachesim"] = libcachesim_lru(found["libcachesim"], calls, n_layers, k)
-            rows["libcachesim"].append(time.perf_counter() - t0)
+            rows["libcachesim"].append(CLOCK() - t0)
         if "moe-policylang" in found:
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             hits["moe-policylang"] = policylang_lru(found["moe-policylang"], scores, top_k, k)
-            rows["moe-policylang"].append(time.perf_counter() - t0)
+            rows["moe-policylang"].append(CLOCK() - t0)
     replay_hits = m["hits"] + m["inflight_hits"]
     if hits["lru"] != replay_hits:
         raise SystemExit(f"the plain LRU counts {hits['lru']} hits, the replay {replay_hits}: not the same work")
@@ -190,35 +192,35 @@ def stages(trace: Path, per_layer: int, repeats: int) -> str:
         return min(fn() for _ in range(repeats))
 
     def load() -> float:
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         read_columnar(trace)
-        return time.perf_counter() - t0
+        return CLOCK() - t0
 
     def reqs() -> float:
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         for _ in sim_calls.requests(col):
             pass
-        return time.perf_counter() - t0
+        return CLOCK() - t0
 
     def policy_and_apply() -> float:
         rs = list(sim_calls.requests(col))
         pol, cache = make_policy("lru"), CacheConfig(per_layer=per_layer).build(model)
         pol.reset(model, cache, None)
         counters = Counters()
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         for req in rs:
             apply_plan(cache, req, pol.plan(req, cache), counters, {"full": model.expert_bytes})
             cache.inflight.clear()  # no engine here: every copy lands at once
-        return time.perf_counter() - t0
+        return CLOCK() - t0
 
     def simulate() -> float:
         rs = list(sim_calls.requests(col))
         pol, cache = make_policy("lru"), CacheConfig(per_layer=per_layer).build(model)
         costs = load_profile("rtx4090").cost_model(model)
         pol.reset(model, cache, costs)
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         Simulation(model, pol, cache, costs).run(rs)
-        return time.perf_counter() - t0
+        return CLOCK() - t0
 
     ld, rq, pa, sm = best(load), best(reqs), best(policy_and_apply), best(simulate)
     us = 1e6 / n
@@ -232,7 +234,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--trace", type=Path, default=TRACE)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 6], help="experts per layer")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="CPU seconds of this process (default: on a shared machine, what the work costs) or wall seconds")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     load0 = os.getloadavg()
     read_columnar(args.trace)  # the first read builds the cache; every replay below reads it
     replay(args.trace, "lru", CacheConfig(per_layer=4))  # warm imports
@@ -240,7 +246,8 @@ def main() -> None:
     found = tools()
     print(f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, trace {args.trace.name}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"public tools: {', '.join(found) or 'none installed'}")
+    print(f"public tools: {', '.join(found) or 'none installed'}; clock: {args.clock} "
+          f"({'time.process_time' if args.clock == 'cpu' else 'time.perf_counter'}); repeats {args.repeats}")
     print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
     extra = "".join(f" x {name} (its hit rate) |" for name in found)
     print(f"| policy | experts per layer | hit rate | layer-steps | median layer-steps/s | best layer-steps/s | x LRU |{extra} plain LRU layer-steps/s |")

@@ -2,7 +2,7 @@
 
     python -m sim.replay TRACE --policy SPEC (--cache-experts N [--partition global|per_layer]
         | --cache-per-layer K | --cache-gb X) [--hardware NAME|FILE] [--out result.json]
-        [--timeline timeline.html] [--chrome-trace trace.json] [--allow-truncated]
+        [--timeline timeline.html] [--chrome-trace trace.json] [--allow-truncated] [--stream]
 
 Prints a summary table. `--out` writes JSON with `config` (all that reproduces the run, the trace's
 digest included) and `metrics`; identical inputs give byte-identical files.
@@ -23,13 +23,13 @@ from pydantic import ValidationError
 
 from lab.cache import GIB, CacheConfig
 from lab.hardware import GB, HardwareError, HardwareProfile, load_profile, presets
-from policies import CacheError, LayerRequest, PolicySpecError, available, make_policy
+from policies import CacheError, Future, LayerRequest, PolicySpecError, available, make_policy
 from policies.costs import variant_bytes
 from sim import calls
 from sim.engine import SimResult, Simulation, Timeline
 from traces.cli import OneLineParser
 from traces.columnar import read_columnar
-from traces.io import TraceError, write_text_atomic
+from traces.io import Record, TraceError, TraceReader, file_digest, write_text_atomic
 
 TOOL = "moe-offload-lab 0.1.0"
 DEFAULT_HARDWARE = "rtx4090"
@@ -60,15 +60,21 @@ def replay(
     allow_truncated: bool = False,
     timeline: Timeline | None = None,
     progress: bool = False,
+    stream: bool = False,
 ) -> ReplayResult:
     """Replay `trace` and return its config and metrics. Raises TraceError, PolicySpecError,
-    CacheError or HardwareError with a one-line message on bad input."""
+    CacheError or HardwareError with a one-line message on bad input.
+
+    The trace is read into columns (`traces.columnar`), from its on-disk cache after the first
+    read; `stream=True` reads it line by line instead (constant memory, no cache, the same numbers).
+    Problems are found in the same order either way: the header, the hardware, the policy, the
+    cache size, then the records (for an oracle, before its `reset`, which needs them all)."""
     path = Path(trace)
-    col = read_columnar(path, allow_truncated=allow_truncated)  # cached by digest: a second replay skips parsing
-    model = col.header.model
+    header = TraceReader(path, allow_truncated=allow_truncated).header
+    model = header.model
     profile = hardware if isinstance(hardware, HardwareProfile) else load_profile(hardware)
     pol = make_policy(policy)
-    missing = sorted(f for f in pol.required_fields() if not col.header.carries(f))
+    missing = sorted(f for f in pol.required_fields() if not header.carries(f))
     if missing:
         raise ReplayError(
             f"{path}: policy {pol.spec!r} needs the trace field(s) {', '.join(missing)}, which this trace does not carry "
@@ -85,22 +91,39 @@ def replay(
             f"({max(budget, 0) / GIB:.1f} GiB after {model.dense_bytes / GIB:.1f} GiB dense weights and "
             f"{profile.gpu.reserve_gib:g} GiB reserve); timings assume it fits"
         )
-    future = calls.future(col) if pol.wants_future() else None
+    col = None
+    reader = None
+    if stream:
+        reader = TraceReader(path, allow_truncated=allow_truncated)
+        future = Future.from_records(TraceReader(path, allow_truncated=allow_truncated)) if pol.wants_future() else None
+    else:
+        if pol.wants_future():
+            col = read_columnar(path, allow_truncated=allow_truncated)
+        future = calls.future(col) if col is not None else None
     pol.reset(model, ca, costs, future)
+    if not stream and col is None:
+        col = read_columnar(path, allow_truncated=allow_truncated)  # cached by digest: a second replay skips parsing
     sim = Simulation(model, pol, ca, costs, copy_engines=profile.link.copy_engines, timeline=timeline)
-    records: Iterator[LayerRequest] = calls.requests(col)
+    records: Iterator[LayerRequest | Record]
+    if col is not None:
+        records, total, unit = calls.requests(col), col.n, " call"
+    else:
+        assert reader is not None
+        records, total, unit = iter(reader), None, " rec"
     if progress:
         from tqdm import tqdm
 
-        records = tqdm(records, desc=f"replay {path.name}", total=col.n, unit=" call", unit_scale=True, file=sys.stderr,
+        records = tqdm(records, desc=f"replay {path.name}", total=total, unit=unit, unit_scale=True, file=sys.stderr,
                        leave=False, disable=None)
     result = sim.run(records)
-    if col.truncated:
+    truncated = col.truncated if col is not None else bool(reader is not None and reader.truncated)
+    if truncated:
         notes.append("the trace is truncated (no footer): replayed what it holds")
     notes.extend(pol.notes())  # how the policy ran (a look-ahead that fell back to history, ...)
+    digest = col.sha256 if col is not None else file_digest(path)
     config = {
         "tool": TOOL,
-        "trace": {"path": str(trace), "sha256": col.sha256, "truncated": col.truncated},
+        "trace": {"path": str(trace), "sha256": digest, "truncated": truncated},
         "model": model.model_dump(exclude={"expert_similarity"}),  # the matrix is the trace's (its sha256 above)
         "policy": pol.spec,
         "cache": {
@@ -163,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline-steps", type=int, default=4, metavar="S", help="steps drawn in the timeline (default 4)")
     p.add_argument("--timeline-from", type=int, default=0, metavar="STEP", help="first step drawn (default 0)")
     p.add_argument("--allow-truncated", action="store_true", help="replay a trace that has no footer")
+    p.add_argument("--stream", action="store_true",
+                   help="read the trace line by line (constant memory, no cache) instead of into cached columns")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -189,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = replay(
             args.trace, args.policy, cache, args.hardware, allow_truncated=args.allow_truncated, timeline=timeline,
-            progress=not args.no_progress,
+            progress=not args.no_progress, stream=args.stream,
         )
     except (TraceError, PolicySpecError, CacheError, HardwareError, ReplayError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -200,7 +200,8 @@ def capture(folder: Path, quick: bool = False, keep: bool = False, only: str | N
     for i, (name, argv) in enumerate(todo):
         if only and only not in name:
             continue
-        files = {"out": work / f"{i}.json", "timeline": work / f"{i}.html", "chrome": work / f"{i}.chrome.json"}
+        tag = hashlib.sha256(name.encode()).hexdigest()[:16]  # the same file names in a quick and a full capture
+        files = {"out": work / f"{tag}.json", "timeline": work / f"{tag}.html", "chrome": work / f"{tag}.chrome.json"}
         for f in files.values():
             f.unlink(missing_ok=True)
         rc, text = _run(argv, files)
@@ -218,9 +219,11 @@ def capture(folder: Path, quick: bool = False, keep: bool = False, only: str | N
     return manifest
 
 
-def compare(a: dict[str, dict[str, object]], b: dict[str, dict[str, object]]) -> list[str]:
+def compare(a: dict[str, dict[str, object]], b: dict[str, dict[str, object]], common: bool = False) -> list[str]:
+    """The cases whose outputs differ (with `common`, only among the cases both captured: a quick
+    capture against a full one)."""
     diffs = []
-    for name in sorted(set(a) | set(b)):
+    for name in sorted(set(a) & set(b) if common else set(a) | set(b)):
         if a.get(name) != b.get(name):
             ea, eb = a.get(name) or {}, b.get(name) or {}
             which = sorted(k for k in set(ea) | set(eb) if ea.get(k) != eb.get(k))
@@ -239,12 +242,13 @@ def main() -> int:
     d = sub.add_parser("compare")
     d.add_argument("a", type=Path)
     d.add_argument("b", type=Path)
+    d.add_argument("--common", action="store_true", help="only the cases both captured")
     args = ap.parse_args()
     if args.cmd == "capture":
         capture(args.folder, args.quick, args.keep, args.only)
         return 0
     load = lambda p: json.loads((p / "manifest.json" if p.is_dir() else p).read_text())  # noqa: E731
-    diffs = compare(load(args.a), load(args.b))
+    diffs = compare(load(args.a), load(args.b), args.common)
     print("\n".join(diffs) if diffs else "identical")
     return 1 if diffs else 0
 

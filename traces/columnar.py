@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from traces.io import Record, TraceReader
+from traces.io import Record, TraceError, TraceReader
 from traces.schema import Footer, Header, LayerRecord, Measured, StepRecord
 
 INT64_MAX = 2**63 - 1
@@ -231,7 +232,11 @@ def read_columnar(path: str | os.PathLike[str], *, allow_truncated: bool = False
 
 
 def build_columnar(reader: TraceReader) -> ColumnarTrace:
-    """Parse and validate the whole trace into columns (no cache)."""
+    """Parse and validate the whole trace into columns (no cache). A trace whose header promises
+    optional fields on every record (`probs`, `lookahead`, ...: a recording of the runtime) is read
+    by the streaming reader straight away: pydantic reads such records faster than these checks."""
+    if any(getattr(reader.header.fields, n) for n in _OPTIONAL):
+        return _from_reader(reader)
     try:
         return _fast(reader)
     except _NotFast:
@@ -281,47 +286,53 @@ def _fast(reader: TraceReader) -> ColumnarTrace:
         with fh:
             try:
                 fh.readline()  # the header: TraceReader validated it
+                rest = b""
                 while True:
-                    lines = fh.readlines(_CHUNK_BYTES)
-                    if not lines:
+                    block = fh.read(_CHUNK_BYTES)
+                    if not block:
+                        if rest:
+                            raise _NotFast  # a last line without its newline: the streaming reader decides
                         break
+                    buf = rest + block if rest else block
+                    cut = buf.rfind(b"\n") + 1
+                    data, rest = buf[:cut], buf[cut:]
+                    if not data:
+                        continue
                     if footer is not None:
                         raise _NotFast  # content after the footer (or blank lines: the streaming reader decides)
                     try:
-                        text = b"".join(lines).decode("utf-8")
+                        text = data.decode("utf-8")
                     except UnicodeDecodeError:
                         raise _NotFast from None
                     strs = text.split("\n")
-                    if strs[-1] == "":
-                        strs.pop()
-                    if len(strs) != len(lines):
-                        raise _NotFast  # a line break that bytes.readlines does not split at cannot happen; be safe
-                    objs = []
-                    for s in strs:
-                        try:
-                            obj, end = scan(s, 0)
-                        except (StopIteration, ValueError, RecursionError):
-                            raise _NotFast from None
-                        if end != len(s) and s[end:].strip(_WS):
-                            raise _NotFast
-                        objs.append(obj)
-                    if any(type(o) is not dict for o in objs):
-                        raise _NotFast
-                    kinds = [o.get("kind") for o in objs]
-                    if kinds[-1] == "footer":
-                        footer = _footer(objs.pop())
-                        kinds.pop()
-                    lay = [o for o, k in zip(objs, kinds, strict=True) if k == "layer"]
-                    if len(lay) != len(objs):
-                        stp = [(i, o) for i, (o, k) in enumerate(zip(objs, kinds, strict=True)) if k == "step"]
-                        if len(lay) + len(stp) != len(objs):
-                            raise _NotFast  # a header, a footer inside, an unknown kind
-                        _step_records(cols, stp, n_layer, kinds)
-                    if lay:
-                        last_step, last_layers = _layer_chunk(
-                            cols, text_parts, text_len, lay, n_layers, n_experts, top_k, promised, last_step, last_layers
-                        )
-                        n_layer += len(lay)
+                    strs.pop()  # after the last newline: nothing
+                    is_layer = [x.startswith('{"kind":"layer"') for x in strs]
+                    lay_lines = [x for x, f in zip(strs, is_layer, strict=True) if f]
+                    if len(lay_lines) == len(strs):
+                        others: list[tuple[int, str]] = []
+                    else:
+                        others = [(i, x) for i, (x, f) in enumerate(zip(strs, is_layer, strict=True)) if not f]
+                    objs = [(i, _scan(scan, x)) for i, x in others]
+                    if objs and objs[-1][1].get("kind") == "footer" and objs[-1][0] == len(strs) - 1:
+                        footer = _footer(objs.pop()[1])
+                        is_layer.pop()
+                    if any(o.get("kind") != "step" for _, o in objs):
+                        raise _NotFast  # a header, a footer inside, an unknown kind
+                    if objs:
+                        _step_records(cols, objs, n_layer, is_layer)
+                    if lay_lines:
+                        canon = _canonical(lay_lines, top_k) if not promised else None
+                        if canon is not None:
+                            last_step, last_layers = _layer_arrays(cols, *canon, n_layers, n_experts, top_k, last_step, last_layers)
+                            _absent(cols, text_len, len(lay_lines))
+                        else:
+                            lay = [_scan(scan, x) for x in lay_lines]
+                            if any(o.get("kind") != "layer" for o in lay):
+                                raise _NotFast
+                            last_step, last_layers = _layer_chunk(
+                                cols, text_parts, text_len, lay, n_layers, n_experts, top_k, promised, last_step, last_layers
+                            )
+                        n_layer += len(lay_lines)
             except (OSError, EOFError, zlib.error):
                 raise _NotFast from None
             digest = hashed.rest()
@@ -334,6 +345,49 @@ def _fast(reader: TraceReader) -> ColumnarTrace:
     if footer.layer_records != n_layer or footer.steps != steps:
         raise _NotFast
     return _assemble(reader, digest, footer, False, cols, text_parts, text_len, top_k, n_experts)
+
+
+def _scan(scan: Any, line: str) -> dict[str, Any]:
+    """One line as a JSON object, as `json.loads` reads it, or not fast."""
+    try:
+        obj, end = scan(line, 0)
+    except (StopIteration, ValueError, RecursionError):
+        raise _NotFast from None
+    if end != len(line) and line[end:].strip(_WS):
+        raise _NotFast
+    if type(obj) is not dict:
+        raise _NotFast
+    return obj  # type: ignore[no-any-return]
+
+
+_INT = r"(0|[1-9][0-9]{0,14})"  # a JSON integer below 2**53: exact as a float64
+_NUM = r"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)"  # a JSON number
+_CANONICAL: dict[int, re.Pattern[str]] = {}
+
+
+def _canonical(lines: list[str], top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The columns of one-token decode records exactly as `TraceWriter` writes them (no optional
+    field, no blank, integers below 2**53), read with one regular expression and one numpy parse of
+    the numbers; None if any line of the chunk is written otherwise (the JSON path reads it)."""
+    pat = _CANONICAL.get(top_k)
+    if pat is None:
+        ids = ",".join([_INT] * top_k)
+        ws = ",".join([_NUM] * top_k)
+        pat = _CANONICAL[top_k] = re.compile(
+            r'^\{"kind":"layer","step":' + _INT + r',"phase":"decode","layer":' + _INT + r',"tokens":1,"topk":\[\['
+            + ids + r'\]\],"weights":\[\[' + ws + r'\]\]\}$', re.M)
+    found = pat.findall("\n".join(lines))
+    n = len(found)
+    if n != len(lines):  # one match per line at most (anchored at both ends): every line matched
+        return None
+    groups = 2 + 2 * top_k
+    vals = np.fromstring(",".join(chain.from_iterable(found)), sep=",")  # correctly rounded, as json's float()
+    if vals.size != n * groups:
+        return None
+    vals = vals.reshape(n, groups)
+    ints = vals[:, : 2 + top_k].astype(np.int64)
+    ones = np.ones(n, dtype=np.int64)
+    return ints[:, 0], ints[:, 1], ones, np.zeros(n, dtype=bool), np.ascontiguousarray(ints[:, 2:]), np.ascontiguousarray(vals[:, 2 + top_k:])
 
 
 def _footer(obj: dict[str, Any]) -> Footer:
@@ -407,32 +461,10 @@ def _layer_chunk(
     phases = [o["phase"] for o in lay]
     if not all(type(p) is str for p in phases) or not set(phases) <= {"prefill", "decode"}:
         raise _NotFast
-    if int(layer.max()) >= n_layers:
-        raise _NotFast
-    # steps never go back, and a step has one record per layer
-    if len(step) > 1 and (np.diff(step) < 0).any() or int(step[0]) < last_step:
-        raise _NotFast
-    same = step == last_step
-    if same.any() and np.isin(layer[same], last_layers).any():
-        raise _NotFast
-    order = np.lexsort((layer, step))
-    ks, kl = step[order], layer[order]
-    if len(ks) > 1 and ((ks[1:] == ks[:-1]) & (kl[1:] == kl[:-1])).any():
-        raise _NotFast
+    prefill = np.fromiter(map("prefill".__eq__, phases), bool, len(phases))
     topk = _rows([o["topk"] for o in lay], top_k, tokens, "int")
-    if topk.size and int(topk.max()) >= n_experts:
-        raise _NotFast
-    if top_k > 1 and topk.size:
-        srt = np.sort(topk, axis=1)
-        if (srt[:, 1:] == srt[:, :-1]).any():
-            raise _NotFast
     weights = _rows([o["weights"] for o in lay], top_k, tokens, "float")
-    cols.add("step", step)
-    cols.add("layer", layer)
-    cols.add("prefill", np.fromiter(map("prefill".__eq__, phases), bool, len(phases)))
-    cols.add("tokens", tokens)
-    cols.add("topk", topk)
-    cols.add("weights", weights)
+    out = _layer_arrays(cols, step, layer, tokens, prefill, topk, weights, n_layers, n_experts, top_k, last_step, last_layers)
     n = len(lay)
     for name in _OPTIONAL:
         if name not in present:
@@ -441,6 +473,8 @@ def _layer_chunk(
             cols.add(f"has_{name}", np.zeros(n, dtype=bool))
             if name in ("plan", "measured"):
                 text_len[name].append(np.zeros(n, dtype=np.int64))
+            elif name == "lookahead":
+                cols.add("la_count", np.zeros(n, dtype=np.int64))
             continue
         vals = [o.get(name) for o in lay]
         has = np.fromiter((v is not None for v in vals), bool, n)
@@ -473,6 +507,49 @@ def _layer_chunk(
                 lens[i] = len(b)
             text_parts[name].extend(blobs)
             text_len[name].append(lens)
+    return out
+
+
+def _absent(cols: _Columns, text_len: dict[str, list[np.ndarray]], n: int) -> None:
+    """No optional field on any of a chunk's `n` layer records."""
+    for name in _OPTIONAL:
+        cols.add(f"has_{name}", np.zeros(n, dtype=bool))
+    cols.add("la_count", np.zeros(n, dtype=np.int64))
+    for name in ("plan", "measured"):
+        text_len[name].append(np.zeros(n, dtype=np.int64))
+
+
+def _layer_arrays(
+    cols: _Columns, step: np.ndarray, layer: np.ndarray, tokens: np.ndarray,
+    prefill: np.ndarray, topk: np.ndarray, weights: np.ndarray, n_layers: int, n_experts: int, top_k: int, last_step: int,
+    last_layers: np.ndarray,
+) -> tuple[int, np.ndarray]:
+    """The checks of a chunk's layer records that need no JSON (ranges, distinct experts, finite
+    weights, steps that never go back, one record per (step, layer)), then its columns; returns the
+    last step and its layers (the next chunk's records may continue that step)."""
+    if int(layer.max()) >= n_layers or (topk.size and (int(topk.max()) >= n_experts or int(topk.min()) < 0)):
+        raise _NotFast
+    if int(step.min()) < 0 or int(layer.min()) < 0 or not np.isfinite(weights).all():
+        raise _NotFast
+    if len(step) > 1 and (np.diff(step) < 0).any() or int(step[0]) < last_step:
+        raise _NotFast
+    same = step == last_step
+    if same.any() and np.isin(layer[same], last_layers).any():
+        raise _NotFast
+    order = np.lexsort((layer, step))
+    ks, kl = step[order], layer[order]
+    if len(ks) > 1 and ((ks[1:] == ks[:-1]) & (kl[1:] == kl[:-1])).any():
+        raise _NotFast
+    if top_k > 1 and topk.size:
+        srt = np.sort(topk, axis=1)
+        if (srt[:, 1:] == srt[:, :-1]).any():
+            raise _NotFast
+    cols.add("step", step)
+    cols.add("layer", layer)
+    cols.add("prefill", prefill)
+    cols.add("tokens", tokens)
+    cols.add("topk", topk)
+    cols.add("weights", weights)
     last = int(step[-1])
     return last, layer[step == last] if last != last_step else np.concatenate([last_layers, layer[step == last]])
 
@@ -522,10 +599,9 @@ def _lookahead_chunk(cols: _Columns, got: list[Any], layer: np.ndarray, tokens: 
     cols.add("la_topk", la)
 
 
-def _step_records(cols: _Columns, stp: list[tuple[int, dict[str, Any]]], n_before: int, kinds: list[Any]) -> None:
-    """Step records of a chunk, with the number of layer records before each."""
-    is_layer = np.fromiter((k == "layer" for k in kinds), bool, len(kinds))
-    before = np.concatenate([[0], np.cumsum(is_layer)])
+def _step_records(cols: _Columns, stp: list[tuple[int, dict[str, Any]]], n_before: int, is_layer: list[bool]) -> None:
+    """Step records of a chunk (with their line in it), with the number of layer records before each."""
+    before = np.concatenate([[0], np.cumsum(np.array(is_layer, dtype=bool))])
     pos, steps, phases, seqs, lat, given = [], [], [], [], [], []
     for i, o in stp:
         if not set(o) <= _STEP_KEYS or "step" not in o or "phase" not in o:
@@ -649,15 +725,25 @@ def _from_reader(reader: TraceReader) -> ColumnarTrace:
                 text_len[name].append(lens)
         buf.clear()
 
-    for rec in reader:
-        if isinstance(rec, LayerRecord):
-            buf.append(rec)
-            n += 1
-            if len(buf) >= 65536:
-                flush()
-        else:
-            steps.append((n, rec))
-    flush()
+    try:
+        for rec in reader:
+            if isinstance(rec, LayerRecord):
+                buf.append(rec)
+                n += 1
+                if len(buf) >= 65536:
+                    flush()
+            else:
+                steps.append((n, rec))
+        flush()
+        if steps:
+            _steps_from_records(cols, steps)
+    except OverflowError:  # a schema that bounds every integer by int64 (traces.schema) never gets here
+        raise TraceError(reader.path, None, None, "an integer beyond the int64 range the simulator keeps") from None
+    return _assemble(reader, file_digest(reader.path), reader.footer, reader.truncated, cols, text_parts, text_len,
+                     h.top_k, h.num_experts)
+
+
+def _steps_from_records(cols: _Columns, steps: list[tuple[int, StepRecord]]) -> None:
     if steps:
         cols.add("s_pos", np.array([p for p, _ in steps], dtype=np.int64))
         cols.add("s_step", np.array([s.step for _, s in steps], dtype=np.int64))
@@ -665,5 +751,3 @@ def _from_reader(reader: TraceReader) -> ColumnarTrace:
         cols.add("s_seq_len", np.array([len(s.seq_ids) for _, s in steps], dtype=np.int64))
         cols.add("s_seq", np.array([x for _, s in steps for x in s.seq_ids], dtype=np.int64))
         cols.add("s_latency", np.array([-1 if s.latency_ns is None else s.latency_ns for _, s in steps], dtype=np.int64))
-    return _assemble(reader, file_digest(reader.path), reader.footer, reader.truncated, cols, text_parts, text_len,
-                     h.top_k, h.num_experts)
