@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -433,3 +434,32 @@ def test_a_streamed_replay_gives_the_same_result(tmp_path: Path, spec: str) -> N
     a = replay(path, spec, CacheConfig(experts=4))
     b = replay(path, spec, CacheConfig(experts=4), stream=True)
     assert a.to_json() == b.to_json() and a.notes == b.notes
+
+
+def test_canonical_lines_read_numbers_as_json_does(tmp_path: Path) -> None:
+    """The regular-expression path for the writer's own lines: JSON integers as weights (`-0` is 0,
+    not -0.0), exponents, long mantissas, and the ids and steps next to them, as the streaming reader
+    reads them; a line it does not match (a leading zero, an integer step past 2**53) goes through
+    the JSON checks and is judged alike."""
+    model = toy_model(num_layers=2, num_experts=8, top_k=2)
+    head = Header(model=model).model_dump_json(exclude_none=True)
+    weights = ["-0", "0", "-0.0", "1", "-1", "1e5", "-1.5E-3", "0.1000000000000000055511151231257827021181583404541015625",
+               "4.9406564584124654e-324", "1.7976931348623157e308", "123456789012345678901234567890"]
+    lines = [head]
+    for i, w in enumerate(weights):
+        for layer in range(2):
+            lines.append(f'{{"kind":"layer","step":{i},"phase":"decode","layer":{layer},"tokens":1,"topk":[[{i % 8},{(i + 1) % 8}]],'
+                         f'"weights":[[{w},0.5]]}}')
+    lines.append(f'{{"kind":"footer","steps":{len(weights)},"layer_records":{2 * len(weights)}}}')
+    path = tmp_path / "canon.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    col = read_columnar(path, cache=False)
+    want = [w for r in TraceReader(path).layer_records() for w in r.weights[0]]
+    got = col.weights.ravel().tolist()
+    assert got == want and [math.copysign(1, x) for x in got] == [math.copysign(1, x) for x in want]
+    assert columnar_verdict(path) == stream_verdict(path)
+    for bad in ('"step":01', '"step":9007199254740993', '"layer":1e0', '"tokens":1.0', '"weights":[[1e999,0.5]]'):
+        key = bad.split(":")[0]
+        changed = [lines[0], *(re.sub(key + r":[^,]*(?=,)", bad, x, count=1) if i == 3 else x for i, x in enumerate(lines[1:]))]
+        path.write_text("\n".join(changed) + "\n")
+        assert columnar_verdict(path) == stream_verdict(path), bad

@@ -361,7 +361,8 @@ def _scan(scan: Any, line: str) -> dict[str, Any]:
 
 
 _INT = r"(0|[1-9][0-9]{0,14})"  # a JSON integer below 2**53: exact as a float64
-_NUM = r"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)"  # a JSON number
+# a JSON number, but not the integer -0 (JSON's 0 for an integer, -0.0 for numpy's parse)
+_NUM = r"(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?[eE][+-]?[0-9]+|-?(?:0|[1-9][0-9]*)\.[0-9]+|0|-?[1-9][0-9]*)"
 _CANONICAL: dict[int, re.Pattern[str]] = {}
 
 
