@@ -463,3 +463,21 @@ def test_canonical_lines_read_numbers_as_json_does(tmp_path: Path) -> None:
         changed = [lines[0], *(re.sub(key + r":[^,]*(?=,)", bad, x, count=1) if i == 3 else x for i, x in enumerate(lines[1:]))]
         path.write_text("\n".join(changed) + "\n")
         assert columnar_verdict(path) == stream_verdict(path), bad
+
+
+@pytest.mark.parametrize(("name", "spec", "size"), [
+    ("mixtral-8x7b-gsm8k.jsonl.gz", "lru", {"per_layer": 4}),
+    ("mixtral-8x7b-humaneval.jsonl.gz", "belady", {"experts": 96}),
+    ("zoo-coarse.jsonl.gz", "lru+lookahead(depth=2, budget=3)", {"experts": 12}),
+    ("zoo-fine.jsonl.gz", "mobile(metric=importance, threshold=0.5)", {"experts": 48}),
+])
+def test_shipped_traces_replay_alike_from_columns_and_streamed(name: str, spec: str, size: dict[str, int]) -> None:
+    """`--out` byte for byte: the cached columns (read twice: built, then from the cache) and the
+    streaming reader."""
+    from sim.config import CacheConfig
+    from sim.replay import replay
+
+    path = ROOT / "traces" / name
+    streamed = replay(path, spec, CacheConfig(**size), stream=True).to_json()
+    assert replay(path, spec, CacheConfig(**size)).to_json() == streamed
+    assert replay(path, spec, CacheConfig(**size)).to_json() == streamed
