@@ -229,11 +229,58 @@ def stages(trace: Path, per_layer: int, repeats: int) -> str:
             f"compute stream, copy engine {(sm - pa) * us:.2f} | simulation {sm * us:.2f} | sum {(ld + rq + sm) * us:.2f}")
 
 
+_BASELINE = r"""
+import json, pickle, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+calls, n_layers, sizes, repeats, trace, clock = pickle.load(open(sys.argv[2], "rb"))
+clock = time.process_time if clock == "cpu" else time.perf_counter
+try:
+    from lab.cache import CacheConfig
+except ImportError:
+    from sim.config import CacheConfig
+from sim.replay import replay
+sys.path.insert(0, sys.argv[3])
+from replay_speed import plain_lru
+out = {}
+for k in sizes:
+    rr, yy = [], []
+    for _ in range(repeats):
+        t0 = clock(); m = replay(trace, "lru", CacheConfig(per_layer=k)).metrics; rr.append(clock() - t0)
+        t0 = clock(); h = plain_lru(calls, n_layers, k); yy.append(clock() - t0)
+    assert h == m["hits"] + m["inflight_hits"]
+    out[k] = [m["layer_calls"] / statistics.median(rr), statistics.median(a / b for a, b in zip(rr, yy))]
+print(json.dumps(out))
+"""
+
+
+def baseline(folder: Path, calls: list[tuple[int, list[int]]], n_layers: int, sizes: list[int], repeats: int, trace: Path,
+             clock: str) -> dict[str, list[float]]:
+    """The same measurement of another checkout's `sim.replay` (`--baseline DIR`: e.g. a `git worktree` of
+    an older commit), in a subprocess that imports that checkout first, against the same plain LRU."""
+    import json
+    import pickle
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as fh:
+        pickle.dump((calls, n_layers, sizes, repeats, str(trace), clock), fh)
+    try:
+        r = subprocess.run([sys.executable, "-c", _BASELINE, str(folder), fh.name, str(ROOT / "bench")],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(folder)})
+    finally:
+        os.unlink(fh.name)
+    if r.returncode != 0:
+        raise SystemExit(f"the baseline at {folder} failed: {r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode}")
+    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--trace", type=Path, default=TRACE)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 6], help="experts per layer")
+    ap.add_argument("--baseline", type=Path, metavar="DIR",
+                    help="also time another checkout's replay the same way (e.g. git worktree add DIR OLD_COMMIT)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                     help="CPU seconds of this process (default: on a shared machine, what the work costs) or wall seconds")
     args = ap.parse_args()
@@ -257,6 +304,17 @@ def main() -> None:
         tool_cols = "".join(f" {r[f'x_{name}']:.1f} ({r[f'{name}_hits'] / r['accesses']:.3f}) |" for name in found)
         print(f"| lru | {k} | {r['hit_rate']:.3f} | {r['n']} | {r['median']:,.0f} | {r['best']:,.0f} | {r['x_lru']:.1f} |{tool_cols} "
               f"{r['lru_rate']:,.0f} |")
+    if args.baseline is not None:
+        import subprocess
+
+        rev = subprocess.run(["git", "-C", str(args.baseline), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+        b = baseline(args.baseline, calls, n_layers, args.sizes, args.repeats, args.trace, args.clock)
+        print(f"\nbaseline: {args.baseline} ({rev.stdout.strip()[:70] or 'not a git checkout'}), the same measurement:")
+        print("| experts per layer | baseline median layer-steps/s | baseline x LRU |")
+        print("| ---: | ---: | ---: |")
+        for k in args.sizes:
+            rate, ratio = b[str(k)]
+            print(f"| {k} | {rate:,.0f} | {ratio:.1f} |")
     print()
     print(stages(args.trace, 4, args.repeats))
     load1 = os.getloadavg()
