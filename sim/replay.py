@@ -106,7 +106,7 @@ def replay(
     sim = Simulation(model, pol, ca, costs, copy_engines=profile.link.copy_engines, timeline=timeline)
     records: Iterator[LayerRequest | Record]
     if col is not None:
-        records, total, unit = calls.requests(col), col.n, " call"
+        records, total, unit = calls.requests(col, with_steps=costs.dense_per_key_s > 0), col.n, " call"
     else:
         assert reader is not None
         records, total, unit = iter(reader), None, " rec"

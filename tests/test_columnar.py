@@ -481,3 +481,23 @@ def test_shipped_traces_replay_alike_from_columns_and_streamed(name: str, spec: 
     streamed = replay(path, spec, CacheConfig(**size), stream=True).to_json()
     assert replay(path, spec, CacheConfig(**size)).to_json() == streamed
     assert replay(path, spec, CacheConfig(**size)).to_json() == streamed
+
+
+def test_context_costs_replay_alike_from_columns_and_streamed(tmp_path: Path) -> None:
+    """With a cost per attended position (`fit.dense_per_key_s`) the engine reads the step records'
+    `seq_ids` (`sim.context`): the columns hand them over in their places, so the numbers agree."""
+    from lab.hardware import HardwareProfile, load_profile
+    from sim.config import CacheConfig
+    from sim.replay import replay
+
+    path = _rich_trace(tmp_path / "t.jsonl", steps=10, fields=False)
+    prof = load_profile("rtx4090").model_dump()
+    prof.update(name="ctx", source="calibrated")
+    zero = {"fixed_s": 1e-5, "per_token_s": 1e-6, "floor_s": 0.0}
+    prof["fit"] = {"model": "toy", "dense": zero, "gpu_expert": zero, "cpu_expert": zero, "dense_per_key_s": 3e-6}
+    hw = HardwareProfile.model_validate(prof)
+    a = replay(path, "lru", CacheConfig(experts=4), hw)
+    b = replay(path, "lru", CacheConfig(experts=4), hw, stream=True)
+    assert a.to_json() == b.to_json()
+    plain = dict(prof, fit={**prof["fit"], "dense_per_key_s": 0.0})
+    assert replay(path, "lru", CacheConfig(experts=4), HardwareProfile.model_validate(plain)).metrics["total_s"] < a.metrics["total_s"]
