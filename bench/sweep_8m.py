@@ -138,7 +138,7 @@ def main() -> int:
 
     grid = [(p, s, h) for p in POLICIES for s in [*({"per_layer": k} for k in PER_LAYER), *({"experts": e} for e in EXPERTS)]
             for h in HARDWARE]
-    sample = [grid[i * len(grid) // args.points] for i in range(args.points)]
+    sample = [grid[(7 + i * 337) % len(grid)] for i in range(args.points)]  # spread over policies, sizes and cards
     cpu = []
     for pol, size, hw in sample:
         m, w, c = timed(lambda pol=pol, size=size, hw=hw: replay(trace, pol, CacheConfig(**size), hw).metrics)
