@@ -1,0 +1,5 @@
+"""`python -m sim.sweep`."""
+
+from sim.sweep.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Running one point of a sweep in a worker process: the trace parsed once per process and kept, and
+the point's metrics or an error row (a failing policy never crashes a sweep)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lab.cache import CacheConfig
+from lab.hardware import HardwareProfile
+from policies import make_policy
+from policies.costs import variant_bytes
+from sim.sweep.spec import SweepError
+from traces.io import TraceReader
+from traces.schema import Header
+
+
+@dataclass
+class _Loaded:
+    header: Header
+    records: list[Any]
+    _future: Any = None
+
+    def future(self) -> Any:
+        if self._future is None:
+            from sim.engine import future_of
+
+            self._future = future_of(self.records)
+        return self._future
+
+
+_TRACES: OrderedDict[str, _Loaded] = OrderedDict()  # per process, by sha256
+_TRACES_KEPT = 4
+
+
+def _load_trace(path: str, sha256: str) -> tuple[_Loaded, bool]:
+    """The trace, parsed once per process and kept (the few most recent); returns (trace, parsed now)."""
+    got = _TRACES.get(sha256)
+    if got is not None:
+        _TRACES.move_to_end(sha256)
+        return got, False
+    data = Path(path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise SweepError(f"{path}: the trace changed since the sweep was checked (sha256 differs); rerun the sweep")
+    reader = TraceReader(path)
+    loaded = _Loaded(reader.header, list(reader))
+    _TRACES[sha256] = loaded
+    while len(_TRACES) > _TRACES_KEPT:
+        _TRACES.popitem(last=False)
+    return loaded, True
+
+
+def _simulate(task: dict[str, Any], reuse_traces: bool) -> dict[str, Any]:
+    """The metrics of one point, exactly as `sim.replay.replay` computes them."""
+    from sim.replay import replay
+
+    cache = CacheConfig(**task["cache"])
+    profile = HardwareProfile.model_validate(task["profile"])
+    if not reuse_traces:
+        res = replay(task["trace_path"], task["policy"], cache, profile)
+        if res.config["trace"]["sha256"] != task["trace_sha256"]:
+            raise SweepError(f"{task['trace_path']}: the trace changed since the sweep was checked; rerun the sweep")
+        return res.metrics
+    # the body of replay() on a trace parsed once per process; tests/test_sweep.py holds the two equal
+    from sim.engine import Simulation
+
+    loaded, _ = _load_trace(task["trace_path"], task["trace_sha256"])
+    model = loaded.header.model
+    pol = make_policy(task["policy"])
+    ca = cache.build(model)
+    costs = profile.cost_model(model, variant_bytes(model, pol))
+    pol.reset(model, ca, costs, loaded.future() if pol.wants_future() else None)
+    sim = Simulation(model, pol, ca, costs, copy_engines=profile.link.copy_engines)
+    return sim.run(loaded.records).metrics()
+
+
+def _error_text(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+    msg = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {msg}{where}"
+
+
+def run_point(task: dict[str, Any], reuse_traces: bool = True) -> tuple[dict[str, Any], bool]:
+    """Run one point; never raises for a failing replay. Returns (the row's result part, whether this
+    call parsed its trace)."""
+    sha = task["trace_sha256"]
+    kept_before = sha in _TRACES
+    t0 = time.perf_counter()
+    try:
+        result = {"status": "ok", **_simulate(task, reuse_traces)}
+    except Exception as exc:  # a failing policy or replay: an error row, never a crashed sweep
+        result = {"status": "error", "error": _error_text(exc)}
+    result["wall_s"] = time.perf_counter() - t0
+    parsed = (sha in _TRACES and not kept_before) if reuse_traces else True
+    return result, parsed
+
