@@ -29,13 +29,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the OPT walk, the reference opt_depths is tested against
 
 import numpy as np  # noqa: E402
+from curves_reference import _opt_depths_walk  # noqa: E402
 
 from sim.curves import (  # noqa: E402
     Calls,
     Partition,
-    _opt_depths_walk,
     calls_from_records,
     compute_curves,
     hits_below,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from curves_reference import _opt_depths_walk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +23,6 @@ from lab.hardware import load_profile
 from sim.curves import (
     NEVER,
     Calls,
-    _opt_depths_walk,
     calls_from_records,
     compute_curves,
     count_less,

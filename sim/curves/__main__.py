@@ -1,0 +1,5 @@
+"""`python -m sim.curves`."""
+
+from sim.curves import main
+
+raise SystemExit(main())

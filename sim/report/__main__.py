@@ -1,0 +1,5 @@
+"""`python -m sim.report`."""
+
+from sim.report.cli import main
+
+raise SystemExit(main())
