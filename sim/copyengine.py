@@ -67,6 +67,7 @@ class CopyEngine:
         self.parked = 0  # copies off the queue, waiting for their slot
         self.running: dict[int, float] = {}  # engine -> when its copy lands
         self._seq = itertools.count()
+        self._durations: dict[int, float] = {}  # bytes -> seconds of one copy
 
     @property
     def idle(self) -> bool:
@@ -125,7 +126,9 @@ class CopyEngine:
 
     def _begin(self, tr: Transfer, lane: int, start: float) -> None:
         env = self.env
-        duration = self.costs.h2d_latency_s + tr.nbytes / self.costs.h2d_bytes_per_s
+        duration = self._durations.get(tr.nbytes)
+        if duration is None:
+            duration = self._durations[tr.nbytes] = self.costs.h2d_latency_s + tr.nbytes / self.costs.h2d_bytes_per_s
         tr.end = start + duration
         self.running[lane] = tr.end
         tr.copy = env.timeout(tr.end - env.now)
@@ -146,7 +149,8 @@ class CopyEngine:
             tr.waiter.succeed()
         self.running.pop(lane, None)
         self.free.append(lane)
-        self.start()
+        if self.queue:
+            self.start()
 
     def transfer(self, load_key: Key, victim: Key | None, variant: str, step: int, urgent: bool,
                  release: dict[Key, simpy.Event]) -> Transfer:
@@ -172,10 +176,12 @@ class CopyEngine:
     def submit(self, tr: Transfer, prio: int, at: float) -> None:
         """Hand a copy to the engines at time `at` (the present, or later when the caller runs ahead
         of the clock with every engine idle and the queue empty)."""
-        if not tr.wait and not self.queue and self.free:  # an idle engine takes it at once
+        free = self.free
+        if not tr.wait and not self.queue and free:  # an idle engine takes it at once (the lowest idle one)
             tr.state = "taken"
-            self.free.sort()
-            self._begin(tr, self.free.pop(0), at)
+            if len(free) > 1:
+                free.sort()
+            self._begin(tr, free.pop(0), at)
         else:
             self._push(tr, prio)
             self.start(at)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import simpy
+from simpy.events import NORMAL as _NORMAL
 
 from policies import Counters, ExpertCache, Future, Key, LayerRequest, Policy, apply_plan
 from policies.costs import CostModel
@@ -190,31 +191,65 @@ class Simulation:
         expert_s = _memo(costs.gpu_expert_s)
         step_s = _memo(costs.step)
         per_key = costs.dense_per_key_s
-        stream: Iterable[tuple[LayerRecord, int]] = (
-            with_keys(records) if per_key else ((r, 0) for r in records if isinstance(r, (LayerRecord, LayerRequest)))
+        one_row: dict[int, int] = {}
+        d_one = expert_s(1)
+        # Waiting without suspending: `advance(d)` does what `yield env.timeout(d)` does (every event
+        # due before that timeout would fire is processed, in SimPy's own order: time, priority, id;
+        # then the clock moves on), without a Timeout, a suspension and a resumption of this
+        # generator: the copy engines' events are callbacks that need no other process. So the
+        # stream suspends only while a CPU process runs (that process must be resumed by SimPy).
+        queue, eids, run_one = env._queue, env._eid, env.step
+
+        def advance(delay: float) -> None:
+            at = env._now + delay
+            me = next(eids)  # the id that timeout would have taken: later events keep theirs
+            while queue:
+                head = queue[0]
+                if head[0] < at or (head[0] == at and (head[1] < _NORMAL or (head[1] == _NORMAL and head[2] < me))):
+                    run_one()
+                else:
+                    break
+            env._now = at
+
+        def until(ev: simpy.Event) -> bool:
+            """Process events until `ev` has been (what `yield ev` waits for); False if none are left."""
+            while ev.callbacks is not None:
+                if not queue:
+                    return False
+                run_one()
+            return True
+
+        stream: Iterable[tuple[LayerRecord, int]] | Iterable[LayerRecord | StepRecord | LayerRequest] = (
+            with_keys(records) if per_key else records
         )
-        for rec, keys in stream:
+        keys = 0
+        busy = self.gpu_busy_s  # accumulated here (the same additions in the same order), stored at the end
+        for rec in stream:
+            if per_key:
+                rec, keys = rec  # type: ignore[misc]
+            elif not isinstance(rec, (LayerRecord, LayerRequest)):
+                continue
             if rec.step != step:
                 if step >= 0:
-                    self._end_step(step, phase, step_start, env.now + t)
-                step, phase, step_start = rec.step, rec.phase, env.now + t
+                    self._end_step(step, phase, step_start, env._now + t)
+                step, phase, step_start = rec.step, rec.phase, env._now + t
                 d = step_s(rec.tokens)  # the step's own overhead (embeddings, LM head, sampling)
                 t += d
-                self.gpu_busy_s += d
+                busy += d
                 if self.nonmoe_layers:
                     d = self.nonmoe_layers * (dense_s(rec.tokens) + per_key * keys)
                     if tl is not None:
-                        tl.add("gpu", env.now + t, env.now + t + d, "dense layers", step)
+                        tl.add("gpu", env._now + t, env._now + t + d, "dense layers", step)
                     t += d
-                    self.gpu_busy_s += d
+                    busy += d
             # the dense part (attention, router) first: the router's choice exists only after it
             d = dense_s(rec.tokens) + per_key * keys if keys else dense_s(rec.tokens)
             if tl is not None:
-                tl.add("gpu", env.now + t, env.now + t + d, f"dense L{rec.layer}", step)
+                tl.add("gpu", env._now + t, env._now + t + d, f"dense L{rec.layer}", step)
             t += d
-            self.gpu_busy_s += d
+            busy += d
             if loading and t > 0:  # copies landing meanwhile change what the policy sees
-                yield env.timeout(t)
+                advance(t)
                 t = 0.0
             req = request_from_record(rec)
             plan = policy.plan(req, cache)
@@ -226,44 +261,55 @@ class Simulation:
                         release = {}
                     release[ld.victim] = env.event()
             if t > 0 and (plan.cpu or release or len(copies.free) < engines):
-                yield env.timeout(t)  # these interact with other processes: start them at the present
+                advance(t)  # these interact with other processes: start them at the present
                 t = 0.0
             waits: dict[Key, Transfer] = {k: loading[k] for k in plan.execute if k in loading} if loading else {}
             apply_plan(cache, req, plan, counters, variant_bytes)
             if plan.loads or plan.prefetch:
-                for tr in copies.issue(plan, step, release, env.now + t):
+                for tr in copies.issue(plan, step, release, env._now + t):
                     waits[tr.key] = tr
-            counts = plan.tokens_per_expert(req)
+            # one token row, as routed (a decode call): every expert computes that one row
+            one = rec.tokens == 1 and plan.topk is None
+            counts = one_row if one else plan.tokens_per_expert(req)
             cpu_proc = None
             if plan.cpu:
-                cpu_proc = env.process(self._cpu_experts([costs.cpu_expert_s(counts[k[1]]) for k in plan.cpu]))
+                cpu_proc = env.process(self._cpu_experts([costs.cpu_expert_s(1 if one else counts[k[1]]) for k in plan.cpu]))
             # then the GPU experts in execution order, each once its weights are in
             for key in plan.order:
                 tr = waits.get(key)
                 if tr is not None:
                     if tr.end is None:  # still queued: wait for it in simulated time
+                        alone = cpu_proc is None or cpu_proc.processed
                         if t > 0:
-                            yield env.timeout(t)
+                            if alone:
+                                advance(t)
+                            else:
+                                yield env.timeout(t)
                             t = 0.0
                         if tr.end is None:
-                            w0 = env.now
-                            yield tr.event(env)
-                            self.stall_s += env.now - w0
+                            w0 = env._now
+                            ev = tr.event(env)
+                            if not (alone and until(ev)):
+                                yield ev
+                            self.stall_s += env._now - w0
                             if tl is not None:
-                                tl.add("gpu", w0, env.now, f"stall for L{key[0]}E{key[1]}", step)
-                    if tr.end is not None and tr.end > env.now + t:  # it lands at a known time
-                        self.stall_s += tr.end - (env.now + t)
+                                tl.add("gpu", w0, env._now, f"stall for L{key[0]}E{key[1]}", step)
+                    if tr.end is not None and tr.end > env._now + t:  # it lands at a known time
+                        self.stall_s += tr.end - (env._now + t)
                         if tl is not None:
-                            tl.add("gpu", env.now + t, tr.end, f"stall for L{key[0]}E{key[1]}", step)
-                        t = tr.end - env.now
-                d = expert_s(counts[key[1]])
+                            tl.add("gpu", env._now + t, tr.end, f"stall for L{key[0]}E{key[1]}", step)
+                        t = tr.end - env._now
+                d = d_one if one else expert_s(counts[key[1]])
                 if tl is not None:
-                    tl.add("gpu", env.now + t, env.now + t + d, f"expert L{key[0]}E{key[1]}", step)
+                    tl.add("gpu", env._now + t, env._now + t + d, f"expert L{key[0]}E{key[1]}", step)
                 t += d
-                self.gpu_busy_s += d
+                busy += d
                 rel = release.get(key)
                 if rel is not None:  # the slot is free once this expert has run
-                    yield env.timeout(t)
+                    if cpu_proc is None or cpu_proc.processed:
+                        advance(t)
+                    else:
+                        yield env.timeout(t)
                     t = 0.0
                     rel.succeed()
             if cpu_proc is not None:
@@ -271,13 +317,14 @@ class Simulation:
                     yield env.timeout(t)
                     t = 0.0
                 if not cpu_proc.processed:
-                    w0 = env.now
+                    w0 = env._now
                     yield cpu_proc
-                    self.cpu_wait_s += env.now - w0
+                    self.cpu_wait_s += env._now - w0
+        self.gpu_busy_s = busy
         if t > 0:
             yield env.timeout(t)
         if step >= 0:
-            self._end_step(step, phase, step_start, env.now)
+            self._end_step(step, phase, step_start, env._now)
 
     def _end_step(self, step: int, phase: str, start: float, end: float) -> None:
         self.steps.append(StepTime(step, phase, start, end))
