@@ -18,6 +18,7 @@ from lab.cache import CacheConfig
 from lab.hardware import HardwareError, HardwareProfile, load_profile
 from policies import CacheError, PolicySpecError, make_policy, parse_spec
 from sim.tomlpos import format_loc, key_lines, line_of
+from traces.columnar import read_columnar
 from traces.io import TraceError, TraceReader, file_digest
 from traces.schema import Header, ModelSpec
 
@@ -257,9 +258,8 @@ def _check(spec: SweepFile, path: Path, where: _Where, full_trace_check: bool) -
         p = _resolve(base, written).resolve()
         try:
             reader = TraceReader(p)
-            if full_trace_check:
-                for _ in reader:
-                    pass
+            if full_trace_check:  # every line validated; the columns cached for the workers (traces.trace_cache)
+                read_columnar(p)
         except TraceError as exc:
             raise where.error(["traces", i], str(exc)) from None
         except OSError as exc:

@@ -3,10 +3,10 @@ the point's metrics or an error row (a failing policy never crashes a sweep)."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,22 +15,31 @@ from lab.cache import CacheConfig
 from lab.hardware import HardwareProfile
 from policies import make_policy
 from policies.costs import variant_bytes
+from sim import calls
 from sim.sweep.spec import SweepError
-from traces.io import TraceReader
+from traces.columnar import ColumnarTrace, read_columnar
 from traces.schema import Header
 
 
 @dataclass
 class _Loaded:
-    header: Header
-    records: list[Any]
+    """A trace as a worker keeps it: its columns (`traces.columnar`), read once per process (from the
+    on-disk cache that the sweep's own check wrote), and its future accesses once an oracle asks."""
+
+    col: ColumnarTrace
     _future: Any = None
+
+    @property
+    def header(self) -> Header:
+        return self.col.header
+
+    def records(self, with_steps: bool = False) -> Iterator[Any]:
+        """The engine's input, the step records too where the cost model reads contexts."""
+        return calls.requests(self.col, with_steps=with_steps)
 
     def future(self) -> Any:
         if self._future is None:
-            from sim.engine import future_of
-
-            self._future = future_of(self.records)
+            self._future = calls.future(self.col)
         return self._future
 
 
@@ -44,11 +53,10 @@ def _load_trace(path: str, sha256: str) -> tuple[_Loaded, bool]:
     if got is not None:
         _TRACES.move_to_end(sha256)
         return got, False
-    data = Path(path).read_bytes()
-    if hashlib.sha256(data).hexdigest() != sha256:
+    col = read_columnar(path)  # from the cache the sweep's check wrote: no parsing here
+    if col.sha256 != sha256:
         raise SweepError(f"{path}: the trace changed since the sweep was checked (sha256 differs); rerun the sweep")
-    reader = TraceReader(path)
-    loaded = _Loaded(reader.header, list(reader))
+    loaded = _Loaded(col)
     _TRACES[sha256] = loaded
     while len(_TRACES) > _TRACES_KEPT:
         _TRACES.popitem(last=False)
@@ -66,7 +74,7 @@ def _simulate(task: dict[str, Any], reuse_traces: bool) -> dict[str, Any]:
         if res.config["trace"]["sha256"] != task["trace_sha256"]:
             raise SweepError(f"{task['trace_path']}: the trace changed since the sweep was checked; rerun the sweep")
         return res.metrics
-    # the body of replay() on a trace parsed once per process; tests/test_sweep.py holds the two equal
+    # the body of replay() on a trace read once per process; tests/test_sweep.py holds the two equal
     from sim.engine import Simulation
 
     loaded, _ = _load_trace(task["trace_path"], task["trace_sha256"])
@@ -76,7 +84,7 @@ def _simulate(task: dict[str, Any], reuse_traces: bool) -> dict[str, Any]:
     costs = profile.cost_model(model, variant_bytes(model, pol))
     pol.reset(model, ca, costs, loaded.future() if pol.wants_future() else None)
     sim = Simulation(model, pol, ca, costs, copy_engines=profile.link.copy_engines)
-    return sim.run(loaded.records).metrics()
+    return sim.run(loaded.records(with_steps=costs.dense_per_key_s > 0)).metrics()
 
 
 def _error_text(exc: BaseException) -> str:
