@@ -28,6 +28,13 @@ from traces.schema import ModelSpec
 PROFILE_DIR = Path(__file__).parent / "profiles"
 GB = 1e9  # bandwidths are decimal (GB/s), as datasheets give them
 GIB = 2**30  # memory sizes are binary: a "24 GB" card holds 24 GiB
+# A copy from pageable host memory goes through the driver's page-locked staging buffer: a host
+# memcpy, then the DMA, chunk by chunk, and it does not overlap the caller. Measured pageable
+# cudaMemcpy rates are commonly half the pinned rate or less on PCIe 4/5 hosts (NVIDIA's "How to
+# Optimize Data Transfers in CUDA C/C++" shows the gap; it depends on the host's memcpy bandwidth):
+# 0.5 is the datasheet assumption, replaced by a measurement in a calibrated profile
+# (`runtime.calibrate` on CUDA measures both).
+PAGEABLE_FACTOR = 0.5
 
 
 class HardwareError(ValueError):
@@ -45,6 +52,19 @@ class LinkProfile(_Strict):
     copy_engines: int = Field(1, ge=1, description="concurrent H2D copies; they share h2d_gbps")
     pinned: bool = Field(True, description="slow-tier buffers are page-locked (pageable copies are slower)")
     theoretical_gbps: float | None = Field(None, description="the interface's datasheet rate, for reference")
+    pageable_gbps: float | None = Field(None, gt=0, description="achieved H2D bandwidth from pageable host memory; "
+                                        "default: h2d_gbps x PAGEABLE_FACTOR (0.5)")
+    pinned_fraction: float | None = Field(None, ge=0, le=1, description="share of the slow tier's bytes that are "
+                                          "page-locked (the runtime's --pin-gb cap); default: 1 if pinned else 0")
+
+    def effective_h2d_gbps(self) -> float:
+        """The bandwidth an average expert copy sees: pinned bytes at `h2d_gbps`, pageable ones at
+        `pageable_gbps` (time-weighted, i.e. the harmonic mix by the pinned share of the bytes)."""
+        f = self.pinned_fraction if self.pinned_fraction is not None else (1.0 if self.pinned else 0.0)
+        if f >= 1.0:
+            return self.h2d_gbps
+        slow = self.pageable_gbps if self.pageable_gbps is not None else self.h2d_gbps * PAGEABLE_FACTOR
+        return 1.0 / (f / self.h2d_gbps + (1.0 - f) / slow)
 
 
 class GPUProfile(_Strict):
@@ -208,7 +228,7 @@ class HardwareProfile(_Strict):
                 "calibrate on this model or use a datasheet profile"
             )
         variants = variant_bytes or {"full": model.expert_bytes}
-        bw = self.link.h2d_gbps * GB / self.link.copy_engines
+        bw = self.link.effective_h2d_gbps() * GB / self.link.copy_engines
         step = ComputeCost()
         per_key = 0.0
         if self.fit is not None:

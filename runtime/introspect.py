@@ -5,6 +5,7 @@ block, and the cosine similarity of the experts' weights. Pure inspection: nothi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,7 +92,7 @@ def model_spec(model: nn.Module, layers: list[MoELayer] | None = None, name: str
     )
 
 
-def expert_similarity(layers: list[MoELayer], chunk: int = 1 << 22) -> list[list[list[float]]]:
+def expert_similarity(layers: list[MoELayer], chunk: int = 1 << 22, store: Any = None) -> list[list[list[float]]]:
     """Per MoE layer, the cosine similarity of every pair of its routed experts' weights: each expert
     is one vector, the parts the slow tier stores (`_expert_parts`: gate/up, down, biases if any)
     flattened and concatenated, as in its `ExpertStore` buffer. The dot products are accumulated in
@@ -99,8 +100,9 @@ def expert_similarity(layers: list[MoELayer], chunk: int = 1 << 22) -> list[list
     symmetric (the upper triangle mirrored), diagonal exactly 1, an all-zero expert 0 elsewhere; plain
     Python floats, which JSON carries exactly, so a replay of the trace sees the runtime's numbers.
 
-    It reads the experts modules' own weights (the session computes it before `install` replaces
-    them by the slow tier): the same values the store's buffers hold, in the same dtype."""
+    It reads the experts modules' own weights, or, once they are offloaded (meta placeholders), the
+    slow tier `store` (a `runtime.tiers.ExpertStore`): the same values in the same dtype, taken in
+    the same chunks, so the numbers do not depend on where the weights are."""
     out: list[list[list[float]]] = []
     with torch.no_grad():
         for ly in layers:
@@ -108,10 +110,16 @@ def expert_similarity(layers: list[MoELayer], chunk: int = 1 << 22) -> list[list
             n = int(ex.num_experts)
             gram = None
             for p in _expert_parts(ex):
-                w = getattr(ex, p).detach().reshape(n, -1)
+                param = getattr(ex, p)
+                size = param[0].numel()
                 step = max(1, chunk // n)
-                for c in range(0, w.shape[1], step):
-                    x = w[:, c : c + step].to(torch.float64)
+                for c in range(0, size, step):
+                    if param.is_meta:
+                        if store is None:
+                            raise OffloadError(f"the experts of {ly.name} are offloaded and no slow tier was given")
+                        x = store.columns(ly.index, p, c, c + step).to(torch.float64)
+                    else:
+                        x = param.detach().reshape(n, -1)[:, c : c + step].to(torch.float64)
                     g = x @ x.T
                     gram = g if gram is None else gram + g
             assert gram is not None

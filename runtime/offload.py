@@ -49,11 +49,18 @@ from runtime.introspect import (  # noqa: F401  (re-exported: `from runtime.offl
     model_spec,
 )
 from runtime.links import Copy, CudaLink, EmulatedLink, LinkSpec, make_link, parse_link
+from runtime.memory import release_freed_memory
 from runtime.signals import RouterTap, importance_of, lookahead_of, probs_of
-from runtime.tiers import ExpertStore, SlotPool  # noqa: F401
+from runtime.tiers import ExpertStore, SlotPool, attach_store, attached_store
 from traces.schema import ModelSpec
 
 IMPLEMENTATION = "moe_offload_lab"
+
+
+def dense_device(model: nn.Module) -> torch.device:
+    """Where the model computes: the device of its first parameter that holds memory (offloaded
+    experts are meta tensors)."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 # -- the session -------------------------------------------------------------------------------------
@@ -101,6 +108,7 @@ class OffloadSession:
         name: str | None = None,
         signals: set[str] | frozenset[str] = frozenset(),
         lookahead_depth: int = 0,
+        pin_bytes: int | None = None,
     ):
         self.model = model
         self.layers = find_moe_layers(model)
@@ -122,17 +130,20 @@ class OffloadSession:
         total = self.spec.num_experts * n_layers
         if slots > total:
             raise OffloadError(f"cache of {slots} slots is larger than the model's {total} routed experts")
-        self.device = next(model.parameters()).device
+        self.device = dense_device(model)
+        self.pin_bytes = pin_bytes
+        self._attached = attached_store(model)
         self.link_spec = parse_link(link) if isinstance(link, str) else link
         if self.link_spec.kind == "cuda" and self.device.type != "cuda":
             raise OffloadError("link 'cuda' needs the model on a CUDA device")
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             need = slots * self.spec.expert_bytes
-            if need > free + sum(
-                getattr(ly.experts, p).numel() * getattr(ly.experts, p).element_size()
+            if need > free + sum(  # the experts still on the device are freed by `install`
+                t.numel() * t.element_size()
                 for ly in self.layers
-                for p in _expert_parts(ly.experts)
+                for t in (getattr(ly.experts, p) for p in _expert_parts(ly.experts))
+                if t.device.type == "cuda"
             ):
                 raise OffloadError(f"a cache of {slots} experts needs {need / 2**30:.2f} GiB; the device has {free / 2**30:.2f} GiB free")
         if self.policy.wants_future() and future is None:
@@ -154,7 +165,7 @@ class OffloadSession:
         if "expert_similarity" in self.signals:
             # a header item: computed once, here (before `install` empties the experts modules), into the
             # one spec that both the policy (`reset`) and the recorder's header get
-            self.spec = ModelSpec.model_validate({**self.spec.model_dump(), "expert_similarity": expert_similarity(self.layers)})
+            self.spec = ModelSpec.model_validate({**self.spec.model_dump(), "expert_similarity": expert_similarity(self.layers, store=self._attached)})
         self.lookahead_depth = max(lookahead_depth, getattr(self.policy, "lookahead_depth", 0) or 0)
         if "lookahead" in self.signals and self.lookahead_depth < 1:
             self.lookahead_depth = 1
@@ -174,16 +185,17 @@ class OffloadSession:
 
         if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
             ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _offloaded_experts_forward)
-        self.store = ExpertStore(self.layers, pin=self.device.type == "cuda", low_bits=self.low_bits)
+        pin = self.device.type == "cuda"
+        if self._attached is not None:  # the loader's slow tier: the experts live there for good
+            self.store = self._attached
+            if self.low_bits:
+                self.store.ensure_low(self.low_bits, bool(self.layers[0].experts.is_transposed), pin)
+        else:  # a whole model: its experts move to a slow tier of this session's (given back by `uninstall`)
+            self.store = ExpertStore(self.layers, pin=pin, low_bits=self.low_bits, pin_bytes=self.pin_bytes, release=True)
         self.pool = SlotPool(self.cache.capacity, self.store, self.device)
         self.link: EmulatedLink | CudaLink = make_link(self.link_spec, self.device)
-        for ly in self.layers:
-            ex = ly.experts
-            for p in _expert_parts(ex):
-                old = getattr(ex, p)
-                # release the device copy of the 3D weights: the slots are the only expert memory now
-                setattr(ex, p, nn.Parameter(torch.empty(0, dtype=old.dtype, device=old.device), requires_grad=False))
-            ex._moe_offload = (self, ly.index)
+        for ly in self.layers:  # the experts' 3D weights are meta tensors now: the slots are the device's expert memory
+            ly.experts._moe_offload = (self, ly.index)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self._prev_impl = getattr(self.model.config, "_experts_implementation", None)
@@ -208,15 +220,18 @@ class OffloadSession:
             self.tap = None
         for h in self._hooks:
             h.remove()
-        for ly in self.layers:  # rebuild the 3D weights from the slow tier: the model is whole again
-            ex = ly.experts
-            per_expert = [self.store.views(self.store.buffers[(ly.index, e)]) for e in range(int(ex.num_experts))]
-            for i, p in enumerate(self.store.parts):
-                full = torch.stack([views[i] for views in per_expert]).to(self.device)
-                setattr(ex, p, nn.Parameter(full, requires_grad=False))
-            del ex._moe_offload
-        if self._prev_impl is not None:
-            self.model.set_experts_implementation(self._prev_impl)
+        for ly in self.layers:
+            del ly.experts._moe_offload
+        del self.pool
+        if self._attached is None:
+            # this session's slow tier: the 3D weights go back where they came from, layer by layer
+            self.store.restore(self.layers)
+            if self._prev_impl is not None:
+                self.model.set_experts_implementation(self._prev_impl)
+        # else the model stays offloaded (the loader's slow tier): outside a session its experts
+        # implementation says so in one line instead of computing on meta tensors
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         self.t1_ns = time.perf_counter_ns()
         self._installed = False
 
@@ -422,7 +437,7 @@ class OffloadSession:
     # -- results ------------------------------------------------------------------------------------
     @property
     def metrics(self) -> dict[str, Any]:
-        """The metrics of DESIGN section 5, counted as the simulator counts them (times measured)."""
+        """The metrics of docs/design.md section 5, counted as the simulator counts them (times measured)."""
         steps = [s for s in self.steps if s.end_ns]
         m = self.counters.metrics([(s.phase, s.start_ns / 1e9, s.end_ns / 1e9) for s in steps])
         end = getattr(self, "t1_ns", None) or time.perf_counter_ns()
@@ -456,12 +471,35 @@ def _expert_math(experts: nn.Module, w: list[torch.Tensor], x: torch.Tensor) -> 
     return nn.functional.linear(h, w[1], w[3] if experts.has_bias else None)
 
 
+def offload_experts(model: nn.Module, device: str | torch.device, *, pin_bytes: int | None = None) -> ExpertStore | None:
+    """Move a model's routed experts into a slow tier attached to it for good, and the rest of the
+    model (its dense part) to `device`. The experts are copied layer by layer from where they are
+    (the host, as loaded) into the store's arena, each layer's parameters replaced by meta tensors
+    right after, so they never exist twice beyond one layer and never touch the device. From then
+    on every `offload()` session of the model uses this store, and the model runs only inside one.
+    Returns the store (None for a model without MoE layers: it just moves to `device`)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    dev = torch.device(device)
+    layers = find_moe_layers(model)
+    store = None
+    if layers and attached_store(model) is None:
+        store = ExpertStore(layers, pin=dev.type == "cuda", pin_bytes=pin_bytes, release=True)
+        attach_store(model, store)
+        if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+            ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _offloaded_experts_forward)
+        model.set_experts_implementation(IMPLEMENTATION)
+    model._apply(lambda t: t if t.is_meta else t.to(dev))
+    release_freed_memory()
+    return store
+
+
 def _offloaded_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                                top_k_weights: torch.Tensor) -> torch.Tensor:
     """The function registered in transformers' experts registry."""
     bound = getattr(self, "_moe_offload", None)
     if bound is None:
-        raise RuntimeError("experts implementation 'moe_offload_lab' used outside an offload() session")
+        raise OffloadError("this model's experts are offloaded to the host tier: run it inside `with offload(model, ...)`")
     session, layer = bound
     return session.layer_call(self, layer, hidden_states, top_k_index, top_k_weights)
 

@@ -144,6 +144,12 @@ def _fmt_s(x: float | None) -> str:
     return f"{x * 1e3:.3f} ms" if x < 10 else f"{x:.2f} s"
 
 
+def _pageable(link) -> str:  # type: ignore[no-untyped-def]
+    """What the pageable share of the slow tier does to the copies (nothing when all is pinned)."""
+    eff = link.effective_h2d_gbps()
+    return "" if eff == link.h2d_gbps else f", {eff:.3g} GB/s with the pageable share"
+
+
 def summary(res: ReplayResult) -> str:
     m, c = res.metrics, res.config
     model = c["model"]
@@ -152,7 +158,7 @@ def summary(res: ReplayResult) -> str:
         ("policy", c["policy"]),
         ("cache", f"{c['cache']['slots']} slots, {c['cache']['partition']} ({c['cache']['bytes'] / GIB:.2f} GiB)"),
         ("hardware", f"{res.profile.name} ({res.profile.source}: {res.profile.gpu.name}, "
-                     f"{res.profile.link.h2d_gbps:g} GB/s H2D)"),
+                     f"{res.profile.link.h2d_gbps:g} GB/s H2D{_pageable(res.profile.link)})"),
         ("", ""),
         ("hit rate", f"{m['hit_rate']:.4f}  ({m['hits']} hits + {m['inflight_hits']} in flight / {m['accesses']} accesses)"),
         ("misses", f"{m['misses']}  ({m['bytes_h2d'] / GB:.2f} GB host-to-device)"),

@@ -183,7 +183,7 @@ def train(
         model.config.output_router_logits = False  # inference needs no router logits
         model.to(torch.float16).save_pretrained(tmp)
         fast_tokenizer(tok).save_pretrained(tmp)
-        saved, _ = load_model(str(tmp))  # float32, as every tool loads it
+        saved, _ = load_model(str(tmp), dtype="fp32")  # float32, as every tool loads the zoo
         held_nll = mean_nll(saved, held_blocks)
         train_nll = mean_nll(saved, train_eval)
         sizes = _dir_bytes(tmp)
