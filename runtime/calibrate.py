@@ -23,24 +23,32 @@ this model, which `python -m sim.replay --hardware profile.json` accepts.
 
 from __future__ import annotations
 
-import json
-import platform
-import sys
-import time
-from pathlib import Path
-from typing import Any
+from runtime._extra import require
 
-import numpy as np
-import torch
-from torch import nn
+if __name__ == "__main__":
+    require("runtime.calibrate")
 
-from policies import PolicySpecError, make_policy
-from policies.costs import ComputeCost, CostModel
-from runtime.links import Copy, LinkError, make_link, parse_link
-from runtime.models import ModelError, load_model
-from runtime.offload import OffloadError, OffloadSession, _expert_math
-from traces.cli import OneLineParser
-from traces.io import write_text_atomic
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from policies import PolicySpecError, make_policy  # noqa: E402
+from policies.costs import ComputeCost, CostModel  # noqa: E402
+from runtime.cli import InputError, add_model_options, check_out, positive, runtime_parser  # noqa: E402
+from runtime.links import Copy, LinkError, make_link, parse_link  # noqa: E402
+from runtime.loader import open_model, skeleton  # noqa: E402
+from runtime.memory import MemoryError_  # noqa: E402
+from runtime.models import ModelError  # noqa: E402
+from runtime.offload import OffloadError, OffloadSession, _expert_math  # noqa: E402
+from traces.io import write_text_atomic  # noqa: E402
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -69,14 +77,16 @@ def _median_by_n(samples: list[tuple[int, float]]) -> list[tuple[float, float]]:
     return [(float(n), float(np.median(ts))) for n, ts in sorted(by.items())]
 
 
-def measure_link(link_spec: str, nbytes: int, device: torch.device, repeats: int = 5) -> dict[str, float]:
-    """Copies of 1x, 4x and 16x an expert's bytes; fit to latency + bytes / bandwidth."""
+def measure_link(link_spec: str, nbytes: int, device: torch.device, repeats: int = 5, pinned: bool | None = None) -> dict[str, float]:
+    """Copies of 1x, 4x and 16x an expert's bytes; fit to latency + bytes / bandwidth. The source
+    buffers are page-locked on CUDA unless `pinned=False` (the pageable figure)."""
+    pin = device.type == "cuda" if pinned is None else pinned
     link = make_link(link_spec, device)
     samples: list[tuple[float, float]] = []
     try:
         for mult in (1, 4, 16):
             n = max(nbytes * mult // 4, 1)
-            src = torch.ones(n, dtype=torch.float32, pin_memory=device.type == "cuda")
+            src = torch.ones(n, dtype=torch.float32, pin_memory=pin)
             dst = torch.empty(n, dtype=torch.float32, device=device)
             for _ in range(repeats):
                 cp = Copy((0, 0), src, dst, urgent=True)
@@ -118,18 +128,37 @@ def _device_speed(device: torch.device) -> tuple[float, float]:
     return mem, flops
 
 
-def calibrate(model_name: str, link: str, *, device: str = "cpu", repeats: int = 3, policy: str = "lru") -> dict[str, Any]:
-    """The profile, measured with `policy` planning every call (every expert resident), so that its
-    per-call host work (planning, the signals it reads: look-ahead routing, probabilities) is part of
-    the measured per-layer time; an oracle policy is measured as `lru`."""
-    dev = torch.device(device)
-    model, name = load_model(model_name, device=dev)
+def calibrate(model_name: str, link: str, *, device: str = "cpu", repeats: int = 3, policy: str = "lru",
+              dtype: str | torch.dtype | None = None, pin_gb: float | None = None, progress: bool = False) -> dict[str, Any]:
+    """The profile, measured with `policy` planning every call (every expert resident, or as many
+    per layer as the device holds: the model is opened with its experts in the host tier, memory
+    checked first), so that its per-call host work (planning, the signals it reads: look-ahead
+    routing, probabilities) is part of the measured per-layer time; an oracle policy is measured as
+    `lru`. `progress`: a bar over the measurement stages on stderr."""
+    parse_link(link)
     if make_policy(policy).wants_future():
         policy = "lru"
+    spec0 = skeleton(model_name, None)[1]
+    if spec0 is None:
+        raise OffloadError(f"{model_name}: the model has no MoE layer that dispatches through transformers' experts registry: nothing to calibrate")
+    opened = open_model(model_name, dtype=dtype, device=device, pin_gb=pin_gb, cache_per_layer=spec0.num_experts,
+                        prompts=["x" * 64], new_tokens=24, shrink_to_fit=True)
+    model, name, dev = opened.model, opened.name, opened.device
+    per_layer = int(opened.cache_per_layer or spec0.num_experts)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=3 * (repeats + 1) + 3, desc=f"calibrate {name}", unit=" stage", file=sys.stderr, disable=None)
+
+    def tick() -> None:
+        if bar is not None:
+            bar.update(1)
+
     # a provisional cost model for policies that weigh costs (`fiddler`): with every expert resident
     # they never act on it, but they refuse to start without one
     provisional = CostModel(0.0, 25e9, {"full": 1}, ComputeCost(), ComputeCost(1e-4), ComputeCost(1e-3))
-    session = OffloadSession(model, policy, cache_per_layer=int(_num_experts(model)), link=link, name=name,
+    session = OffloadSession(model, policy, cache_per_layer=per_layer, link=link, name=name,
                              costs=provisional)
     spec = session.spec
     layer_ns: dict[int, int] = {}
@@ -193,14 +222,25 @@ def calibrate(model_name: str, link: str, *, device: str = "cpu", repeats: int =
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
                                do_sample=False, pad_token_id=0)
             timing["on"] = False
+            tick()
     finally:
         for h in hooks:
             h.remove()
         session.uninstall()
     cpu_samples = _cpu_expert_samples(session, repeats)
+    tick()
     link_fit = measure_link(link, spec.expert_bytes, dev)
-    link_fit["latency_us"] += _per_miss_overhead_us(model, name, link, link_fit, spec.expert_bytes, spec.top_k, repeats)
+    store = session.store
+    pageable = link_fit["h2d_gbps"]
+    if dev.type == "cuda":  # the host tier's pageable part (beyond --pin-gb) is copied at this rate
+        pageable = measure_link(link, spec.expert_bytes, dev, pinned=False)["h2d_gbps"]
+    tick()
+    link_fit["latency_us"] += _per_miss_overhead_us(model, name, link, link_fit, spec.expert_bytes, spec.top_k, repeats,
+                                                    per_layer, tick)
     mem_gbps, tflops = _device_speed(dev)
+    tick()
+    if bar is not None:
+        bar.close()
     cpu_mem, cpu_tflops = _device_speed(torch.device("cpu")) if dev.type == "cuda" else (mem_gbps, tflops)
     ls = parse_link(link)
     hbm = torch.cuda.get_device_properties(dev).total_memory / 2**30 if dev.type == "cuda" else _host_gib()
@@ -215,7 +255,10 @@ def calibrate(model_name: str, link: str, *, device: str = "cpu", repeats: int =
             "d2h_gbps": link_fit["h2d_gbps"],
             "latency_us": max(link_fit["latency_us"], 0.0),
             "copy_engines": 1,
-            "pinned": dev.type == "cuda",
+            # an emulated link charges the same for pinned and pageable buffers; on CUDA both were measured
+            "pinned": dev.type == "cuda" and store.pinned_fraction >= 1.0,
+            "pinned_fraction": store.pinned_fraction if dev.type == "cuda" else 1.0,
+            "pageable_gbps": pageable,
             "theoretical_gbps": (ls.bandwidth_Bps / 1e9) if ls.bandwidth_Bps else None,
         },
         "gpu": {"name": dev_name, "hbm_gib": hbm, "reserve_gib": 0.0, "peak_tflops": tflops, "hbm_gbps": mem_gbps,
@@ -232,7 +275,7 @@ def calibrate(model_name: str, link: str, *, device: str = "cpu", repeats: int =
     }
 
 
-def _decode_tpot(model: nn.Module, name: str, link: str, per_layer: int, repeats: int) -> tuple[float, float]:
+def _decode_tpot(model: nn.Module, name: str, link: str, per_layer: int, repeats: int, tick: Any = None) -> tuple[float, float]:
     """(median decode step seconds, misses per decode step) of greedy generation at a cache size."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=g).to(next(model.parameters()).device)
@@ -248,6 +291,8 @@ def _decode_tpot(model: nn.Module, name: str, link: str, per_layer: int, repeats
                                do_sample=False, pad_token_id=0)
         finally:
             s.uninstall()
+        if tick is not None:
+            tick()
         decode = [st for st in s.steps if st.phase == "decode"]
         if rep and decode:
             tpots.append(float(np.median([(st.end_ns - st.start_ns) / 1e9 for st in decode])))
@@ -256,12 +301,13 @@ def _decode_tpot(model: nn.Module, name: str, link: str, per_layer: int, repeats
 
 
 def _per_miss_overhead_us(model: nn.Module, name: str, link: str, link_fit: dict[str, float], nbytes: int, top_k: int,
-                          repeats: int) -> float:
+                          repeats: int, resident: int, tick: Any = None) -> float:
     """What a miss costs the host beyond the copy itself (planning the load, handing it to the link,
     waking up when it lands), from decode with every expert resident against decode with top_k
     slots per layer; the simulator charges it as part of each copy's latency."""
-    full_tpot, _ = _decode_tpot(model, name, link, _num_experts(model), repeats)
-    small_tpot, per_step = _decode_tpot(model, name, link, top_k, repeats)
+    full_tpot, full_per_step = _decode_tpot(model, name, link, resident, repeats, tick)
+    small_tpot, per_step = _decode_tpot(model, name, link, top_k, repeats, tick)
+    per_step -= full_per_step  # a device too small for every expert misses at `resident` slots too
     if per_step <= 0:
         return 0.0
     copy_s = link_fit["latency_us"] * 1e-6 + nbytes / (link_fit["h2d_gbps"] * 1e9)
@@ -305,18 +351,22 @@ def _host_gib() -> float:
         return 1.0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = runtime_parser("runtime.calibrate", __doc__)
+    add_model_options(p, policy_default="lru", cache=False)
+    p.add_argument("--repeats", type=positive, default=3, help="timed rounds of every measurement (after one warm-up round)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="profile to write (.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m runtime.calibrate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--link", default="emulated:16GB/s")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--policy", default="lru", help="the policy to be validated: its per-call host work is measured too")
-    p.add_argument("-o", "--out", type=Path, required=True)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        prof = calibrate(args.model, args.link, device=args.device, repeats=args.repeats, policy=args.policy)
-    except (ModelError, OffloadError, LinkError, PolicySpecError) as exc:
+        check_out(args.out)
+        prof = calibrate(args.model, args.link, device=args.device, repeats=args.repeats, policy=args.policy,
+                         dtype=args.dtype, pin_gb=args.pin_gb, progress=not args.no_progress)
+    except (ModelError, OffloadError, LinkError, PolicySpecError, MemoryError_, InputError) as exc:
         print(f"runtime.calibrate: error: {exc}", file=sys.stderr)
         return 2
     write_text_atomic(args.out, json.dumps(prof, indent=2, sort_keys=True) + "\n")

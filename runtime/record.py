@@ -1,4 +1,4 @@
-"""Record the trace of an offloaded run (DESIGN section 3): every routing decision, with the router's
+"""Record the trace of an offloaded run (docs/design.md section 3): every routing decision, with the router's
 probabilities, look-ahead guesses, token importance, the plan that ran and measured timings, and in
 the header the cosine similarity of the experts' weights.
 
@@ -12,40 +12,52 @@ temporary file: an interrupted recording leaves the previous file, or none.
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import json
-import platform
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from runtime._extra import require
 
-import torch
-from torch import nn
+if __name__ == "__main__":
+    require("runtime.record")
 
-from policies import CostModel, Future, PolicySpecError
-from runtime.links import LinkError
-from runtime.models import ModelError, load_model
-from runtime.offload import LayerEvent, OffloadError, OffloadSession, StepRecordRT, model_spec
-from traces.cli import OneLineParser
-from traces.io import TraceWriter
+import argparse  # noqa: E402
+import datetime as _dt  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from policies import CostModel, Future, PolicySpecError  # noqa: E402
+from runtime.cli import InputError, add_model_options, check_out, positive, read_text, runtime_parser  # noqa: E402
+from runtime.links import LinkError, parse_link  # noqa: E402
+from runtime.loader import open_model  # noqa: E402
+from runtime.memory import MemoryError_  # noqa: E402
+from runtime.models import ModelError  # noqa: E402
+from runtime.offload import (  # noqa: E402
+    LayerEvent,
+    OffloadError,
+    OffloadSession,
+    StepRecordRT,
+    find_moe_layers,
+    model_spec,
+    offload,
+)
+from traces.io import TraceWriter  # noqa: E402
 from traces.schema import ExpertLoad, Fields, Header, LayerRecord, Measured, ModelSpec, Recording, StepRecord
 
 TOOL_VERSION = "0.1.0"
 
 
-class RecordError(ValueError):
-    pass
+RecordError = InputError  # the name callers and tests know
 
 
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line of a .txt file, or the `prompt` field of each line of a .jsonl file."""
     p = Path(path)
-    if not p.is_file():
-        raise RecordError(f"{p}: no such prompts file")
     prompts: list[str] = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_text(p, "prompts").splitlines(), 1):
         if not line.strip():
             continue
         if p.suffix == ".jsonl":
@@ -77,6 +89,29 @@ def encode(model: nn.Module, name: str, prompt: str) -> torch.Tensor:
     return torch.tensor([ids])
 
 
+def pad_id(model: nn.Module) -> int:
+    """The id that left-pads a batch: the config's pad token, else 0 (what the runtime always passed)."""
+    pad = getattr(model.config, "pad_token_id", None)
+    return int(pad) if isinstance(pad, int) else 0
+
+
+def batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
+def encode_batch(model: nn.Module, name: str, prompts: Sequence[str], pad: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of prompts run together, left-padded with `pad` as `generate` expects."""
+    rows = [encode(model, name, p)[0] for p in prompts]
+    width = max(int(r.shape[0]) for r in rows)
+    ids = torch.full((len(rows), width), pad if pad is not None else pad_id(model), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - r.shape[0]:] = r
+        mask[i, width - r.shape[0]:] = 1
+    return ids, mask
+
+
 class Recorder:
     """Turns a session's layer and step events into trace records, as they happen. The session
     computes the probabilities, look-ahead and importance (it is asked for them), so a policy that
@@ -85,7 +120,8 @@ class Recorder:
     def __init__(self, writer: TraceWriter, t0_ns: int):
         self.writer = writer
         self.t0 = t0_ns
-        self.seq_id = 0
+        self.seq_ids: list[int] = [0]
+        self.bar: Any = None  # a progress bar that moves once per decode step
         self.pending: list[LayerEvent] = []
 
     def on_layer(self, ev: LayerEvent) -> None:
@@ -133,8 +169,10 @@ class Recorder:
             self._write_layer(ev)
         self.pending.clear()
         self.writer.write(
-            StepRecord(step=st.step, phase=st.phase, seq_ids=[self.seq_id], latency_ns=max(0, st.end_ns - st.start_ns))  # type: ignore[arg-type]
+            StepRecord(step=st.step, phase=st.phase, seq_ids=list(self.seq_ids), latency_ns=max(0, st.end_ns - st.start_ns))  # type: ignore[arg-type]
         )
+        if self.bar is not None:
+            self.bar.update(len(self.seq_ids))  # one token per sequence: the prefill makes the first
 
 
 def record(
@@ -156,11 +194,18 @@ def record(
     warmup: bool = True,
     signals: bool = True,
     costs: CostModel | Callable[[ModelSpec], CostModel] | None = None,
+    batch_size: int = 1,
+    dtype: str | torch.dtype | None = None,
+    pin_gb: float | None = None,
 ) -> dict[str, Any]:
-    """Run the prompts one after another (each a sequence of its own), write the trace, return the
-    session's metrics. `signals=False` records only what the policy itself reads (no probabilities,
+    """Run the prompts `batch_size` at a time (each batch left-padded, each prompt a sequence of its
+    own: every step record lists the batch's `seq_ids`), write the trace, return the session's
+    metrics. `signals=False` records only what the policy itself reads (no probabilities,
     look-ahead, importance or weight similarity beyond it): the run then costs what it costs without a
-    recorder, which is what validation measures.
+    recorder, which is what validation measures. The model is opened with its experts in the host
+    tier (`runtime.loader.open_model`, memory checked first); the untimed warm-up forward runs
+    offloaded too, in a session of its own (same cache, `lru`), so nothing needs the whole model
+    on the device.
 
     `costs` is the cost model the policy gets at `reset` (policies that weigh costs, such as
     `fiddler`, need the one the simulator will use): a `CostModel`, or a function of the run's
@@ -168,89 +213,107 @@ def record(
     transfer costs only, no compute costs."""
     import transformers
 
-    model, name = load_model(model_name, device=device)
+    from runtime.loader import skeleton
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise RecordError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
+    if not prompts:
+        raise RecordError("no prompts to record")
+    parse_link(link)
     if policy is None:
         policy = "lru"
-        if cache_experts is None and cache_per_layer is None:
-            cache_per_layer = int(next(m for m in model.modules() if hasattr(m, "has_gate")).num_experts)
-    session_kw = {"cache_experts": cache_experts, "cache_per_layer": cache_per_layer, "link": link}
+        if cache_experts is None and cache_per_layer is None:  # keep every expert
+            spec0 = skeleton(model_name, None)[1]
+            if spec0 is None:
+                raise RecordError(f"{model_name}: the model has no MoE layer that dispatches through transformers' "
+                                  "experts registry: nothing to record")
+            cache_per_layer = spec0.num_experts
+    size = {k: v for k, v in {"cache_experts": cache_experts, "cache_per_layer": cache_per_layer}.items() if v is not None}
+    opened = open_model(model_name, dtype=dtype, device=device, pin_gb=pin_gb, batch=batch_size, prompts=list(prompts),
+                        new_tokens=max_new_tokens, **size)
+    model, name, dev = opened.model, opened.name, opened.device
+    if not find_moe_layers(model):
+        raise RecordError(f"{name}: the model has no MoE layer that dispatches through transformers' experts registry: nothing to record")
     if callable(costs):
         costs = costs(model_spec(model, name=name))
     session = OffloadSession(
-        model, policy, **{k: v for k, v in session_kw.items() if v is not None}, name=name, future=future,
+        model, policy, **size, link=link, name=name, future=future,
         signals=({"probs", "importance", "expert_similarity"} | ({"lookahead"} if lookahead else set())) if signals else set(),
         lookahead_depth=lookahead if signals else 0, costs=costs,
     )
     want = session.signals
+    store = opened.memory_report()
     header = Header(
         model=session.spec,
         recording=Recording(
             tool_version=TOOL_VERSION,
             torch_version=torch.__version__,
             transformers_version=transformers.__version__,
-            device=torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or platform.machine(),
+            device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
             link=session.link_spec.kind,  # type: ignore[arg-type]
             policy=session.policy.spec,
             cache={"slots": session.cache.capacity, "partition": session.cache.partition},
             prompt_source=prompt_source,
-            decoding={"max_new_tokens": max_new_tokens, "do_sample": False, "link": str(session.link_spec)},
+            decoding={"max_new_tokens": max_new_tokens, "do_sample": False, "link": str(session.link_spec),
+                      "batch_size": batch_size, "padding": "left"},
             seed=seed,
             start_time=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            host_tier={k.removeprefix("host_tier_"): v for k, v in store.items() if k.startswith("host_tier_")},
         ),
         fields=Fields(probs="probs" in want, lookahead="lookahead" in want and session.lookahead_depth > 0,
                       importance="importance" in want, measured=True, plan=True),
     )
     torch.manual_seed(seed)
-    if warmup:  # one untimed forward: first-call costs of the framework are no part of any step
-        with torch.no_grad():
-            model(encode(model, name, prompts[0]).to(device))
+    pad = pad_id(model)
+    groups = list(batches(prompts, batch_size))
+    if warmup:  # one untimed forward, offloaded: first-call costs of the framework are no part of any step
+        ids, mask = encode_batch(model, name, groups[0], pad)
+        fast = "cuda" if session.link_spec.kind == "cuda" else "emulated:10TB/s"
+        with offload(model, "lru", link=fast, name=name, **size), torch.no_grad():
+            model(ids.to(dev), attention_mask=mask.to(dev))
     with TraceWriter(out, header) as writer:
         session.install()
         rec = Recorder(writer, session.t0_ns)
         session.on_layer, session.on_step = rec.on_layer, rec.on_step
-        bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(prompts) * max_new_tokens, desc=f"record {name}", unit=" tok", file=sys.stderr, disable=None)
+            rec.bar = tqdm(total=len(prompts) * max_new_tokens, desc=f"record {name}", unit=" tok", file=sys.stderr, disable=None)
         try:
-            for i, prompt in enumerate(prompts):
-                rec.seq_id = i
-                ids = encode(model, name, prompt).to(device)
+            start = 0
+            for group in groups:
+                rec.seq_ids = list(range(start, start + len(group)))
+                start += len(group)
+                ids, mask = encode_batch(model, name, group, pad)
                 with torch.no_grad():
-                    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                   min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-                if bar is not None:
-                    bar.update(max_new_tokens)
+                    model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                                   min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         finally:
-            if bar is not None:
-                bar.close()
+            if rec.bar is not None:
+                rec.bar.close()
             session.uninstall()
-    return session.metrics
+    m = session.metrics
+    m.update(opened.memory_report())
+    return m
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m runtime.record", description="Record the routing trace of an offloaded run.")
-    p.add_argument("--model", required=True, help="local checkpoint directory or a tiny model (tiny-mixtral, ...)")
-    p.add_argument("--prompts", required=True, help=".txt (one prompt per line) or .jsonl (a 'prompt' per line)")
+    p = runtime_parser("runtime.record", __doc__)
+    add_model_options(p, policy_default=None, batch=True)
+    p.add_argument("--prompts", required=True, help=".txt (one prompt per line) or .jsonl (a 'prompt' per line), UTF-8")
     p.add_argument("-o", "--out", required=True, type=Path, help="trace to write (.jsonl or .jsonl.gz)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--policy", help="policy spec of the run (default: keep every expert)")
-    p.add_argument("--cache-experts", type=int, metavar="N")
-    p.add_argument("--cache-per-layer", type=int, metavar="K")
-    p.add_argument("--link", default="emulated:16GB/s", help="cuda | emulated:<bandwidth>[,<latency>]")
-    p.add_argument("--lookahead", type=int, default=2, help="later MoE layers whose routers guess ahead (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-new-tokens", type=positive, default=32, help="tokens generated per prompt")
+    p.add_argument("--lookahead", type=int, default=2, help="later MoE layers whose routers guess ahead")
+    p.add_argument("--seed", type=int, default=0, help="torch seed of the run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = "runtime.record"
-    if args.max_new_tokens < 1 or args.lookahead < 0:
-        print(f"{prog}: error: --max-new-tokens must be >= 1 and --lookahead >= 0", file=sys.stderr)
+    if args.lookahead < 0:
+        print(f"{prog}: error: --lookahead must be >= 0", file=sys.stderr)
         return 2
     if args.cache_experts is not None and args.cache_per_layer is not None:
         print(f"{prog}: error: give one of --cache-experts and --cache-per-layer", file=sys.stderr)
@@ -259,14 +322,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: --policy needs a cache size: --cache-experts N or --cache-per-layer K", file=sys.stderr)
         return 2
     try:
+        check_out(args.out)
         prompts = read_prompts(args.prompts)
         m = record(
             args.model, prompts, args.out, policy=args.policy, cache_experts=args.cache_experts,
             cache_per_layer=args.cache_per_layer, link=args.link, max_new_tokens=args.max_new_tokens,
             lookahead=args.lookahead, seed=args.seed, prompt_source=str(args.prompts), device=args.device,
-            progress=not args.no_progress,
+            progress=not args.no_progress, batch_size=args.batch_size, dtype=args.dtype, pin_gb=args.pin_gb,
         )
-    except (RecordError, ModelError, OffloadError, LinkError, PolicySpecError) as exc:
+    except (RecordError, ModelError, OffloadError, LinkError, PolicySpecError, MemoryError_) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

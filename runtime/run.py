@@ -1,30 +1,40 @@
-"""Run a model offloaded under a policy and report latency, hit rate, bytes moved and output quality.
+"""Run a model offloaded under a policy and report latency, hit rate, bytes moved, output quality and memory.
 
     python -m runtime.run --model M --policy SPEC (--cache-experts N | --cache-per-layer K) --link L
-        [--prompts FILE] [--text FILE] [--max-new-tokens N] [--json]
+        [--prompts FILE] [--text FILE] [--max-new-tokens N] [--batch-size B] [--dtype D] [--pin-gb G] [--json]
 
 Quality is measured against the exact model (every expert as the router chose it) on the same input:
 perplexity of `--text` (teacher-forced), the KL divergence of the next-token distributions on that
-text, and the agreement of greedy generations token by token. A lossless policy scores exactly the
-exact model; a lossy one pays what its substitutions and drops cost.
+text, and the agreement of greedy generations token by token. The exact model runs offloaded too,
+under `lru` with the same cache (a lossless policy is exact), so no step needs the whole model on the
+device. A lossless policy scores exactly the exact model; a lossy one pays what its substitutions
+and drops cost.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-from typing import Any
+from runtime._extra import require
 
-import torch
+if __name__ == "__main__":
+    require("runtime.run")
 
-from policies import PolicySpecError
-from runtime.links import LinkError
-from runtime.models import ModelError, load_model
-from runtime.offload import OffloadError, offload
-from runtime.quality import compare
-from runtime.record import RecordError, encode, read_prompts
-from traces.cli import OneLineParser
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+from policies import PolicySpecError  # noqa: E402
+from runtime.cli import add_model_options, positive, read_text, runtime_parser  # noqa: E402
+from runtime.links import LinkError, parse_link  # noqa: E402
+from runtime.loader import open_model  # noqa: E402
+from runtime.memory import MemoryError_  # noqa: E402
+from runtime.models import ModelError  # noqa: E402
+from runtime.offload import OffloadError, offload  # noqa: E402
+from runtime.quality import compare  # noqa: E402
+from runtime.record import RecordError, batches, encode, encode_batch, pad_id, read_prompts  # noqa: E402
 
 DEFAULT_TEXT = (
     "Offloading keeps the experts of a mixture-of-experts model in host memory and copies the ones a "
@@ -32,15 +42,21 @@ DEFAULT_TEXT = (
 )
 
 
-def _quality_pass(model: torch.nn.Module, text_ids: torch.Tensor, prompts: list[torch.Tensor], max_new: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _quality_pass(model: torch.nn.Module, text_ids: torch.Tensor, prompts: list[tuple[torch.Tensor, torch.Tensor]],
+                  max_new: int, pad: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     with torch.no_grad():
         logits = model(text_ids).logits[0].float()
-        gens = [
-            model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=max_new, min_new_tokens=max_new,
-                           do_sample=False, pad_token_id=0)[0, p.shape[1]:]
-            for p in prompts
-        ]
+        gens = []
+        for ids, mask in prompts:
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
+                                 do_sample=False, pad_token_id=pad)
+            gens.extend(out[:, ids.shape[1]:])
     return logits, gens
+
+
+def _reference_link(link: str) -> str:
+    """The exact pass moves the same experts, as fast as the link kind allows (its timing is not reported)."""
+    return "cuda" if parse_link(link).kind == "cuda" else "emulated:10TB/s"
 
 
 def run(
@@ -54,16 +70,25 @@ def run(
     text: str = DEFAULT_TEXT,
     max_new_tokens: int = 16,
     device: str = "cpu",
+    batch_size: int = 1,
+    dtype: str | torch.dtype | None = None,
+    pin_gb: float | None = None,
 ) -> dict[str, Any]:
-    model, name = load_model(model_name, device=device)
     prompts = prompts or [DEFAULT_TEXT[:60]]
-    text_ids = encode(model, name, text).to(device)
-    prompt_ids = [encode(model, name, p).to(device) for p in prompts]
-    model.set_experts_implementation("eager")
-    exact_logits, exact_gens = _quality_pass(model, text_ids, prompt_ids, max_new_tokens)
+    if max_new_tokens < 1 or batch_size < 1:
+        raise RecordError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     size = {k: v for k, v in {"cache_experts": cache_experts, "cache_per_layer": cache_per_layer}.items() if v is not None}
+    parse_link(link)  # a bad link is refused before anything is loaded
+    opened = open_model(model_name, dtype=dtype, device=device, pin_gb=pin_gb, batch=batch_size, prompts=prompts,
+                        new_tokens=max_new_tokens, score_text=text, **size)
+    model, name, dev = opened.model, opened.name, opened.device
+    text_ids = encode(model, name, text).to(dev)
+    pad = pad_id(model)
+    prompt_ids = [tuple(t.to(dev) for t in encode_batch(model, name, b, pad)) for b in batches(prompts, batch_size)]
+    with offload(model, "lru", link=_reference_link(link), name=name, **size):  # the exact model, offloaded
+        exact_logits, exact_gens = _quality_pass(model, text_ids, prompt_ids, max_new_tokens, pad)  # type: ignore[arg-type]
     with offload(model, policy, link=link, name=name, **size) as session:
-        logits, gens = _quality_pass(model, text_ids, prompt_ids, max_new_tokens)
+        logits, gens = _quality_pass(model, text_ids, prompt_ids, max_new_tokens, pad)  # type: ignore[arg-type]
     q = compare(exact_logits, logits, text_ids)
     agree = sum(int((a == b).sum()) for a, b in zip(gens, exact_gens, strict=True))
     total = sum(int(g.numel()) for g in exact_gens)
@@ -73,40 +98,42 @@ def run(
             "model": name,
             "policy": session.policy.spec,
             "link": str(session.link_spec),
+            "dtype": session.spec.dtype,
+            "expert_bytes": session.spec.expert_bytes,
+            "batch_size": batch_size,
             "perplexity": q.perplexity,
             "perplexity_exact": q.perplexity_exact,
             "kl_divergence": q.kl,
             "token_agreement": agree / total if total else 1.0,
+            **opened.memory_report(),
         }
     )
     return m
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m runtime.run", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--policy", default="lru")
-    p.add_argument("--cache-experts", type=int, metavar="N")
-    p.add_argument("--cache-per-layer", type=int, metavar="K")
-    p.add_argument("--link", default="emulated:16GB/s")
-    p.add_argument("--prompts")
-    p.add_argument("--text", type=Path, help="text for perplexity and KL (default: a built-in paragraph)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+def build_parser() -> argparse.ArgumentParser:
+    p = runtime_parser("runtime.run", __doc__)
+    add_model_options(p, policy_default="lru", batch=True)
+    p.add_argument("--prompts", help="prompts file: .txt (one per line) or .jsonl (a 'prompt' per line); default: one built-in prompt")
+    p.add_argument("--text", type=Path, help="UTF-8 text file for perplexity and KL (default: a built-in paragraph)")
+    p.add_argument("--max-new-tokens", type=positive, default=16, help="tokens generated per prompt")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     prog = "runtime.run"
     if (args.cache_experts is None) == (args.cache_per_layer is None):
         print(f"{prog}: error: give exactly one of --cache-experts N and --cache-per-layer K", file=sys.stderr)
         return 2
     try:
         prompts = read_prompts(args.prompts) if args.prompts else None
-        if args.text is not None and not args.text.is_file():
-            raise RecordError(f"{args.text}: no such text file")
-        text = args.text.read_text(encoding="utf-8") if args.text else DEFAULT_TEXT
+        text = read_text(args.text) if args.text else DEFAULT_TEXT
         m = run(args.model, args.policy, cache_experts=args.cache_experts, cache_per_layer=args.cache_per_layer,
-                link=args.link, prompts=prompts, text=text, max_new_tokens=args.max_new_tokens, device=args.device)
-    except (RecordError, ModelError, OffloadError, LinkError, PolicySpecError) as exc:
+                link=args.link, prompts=prompts, text=text, max_new_tokens=args.max_new_tokens, device=args.device,
+                batch_size=args.batch_size, dtype=args.dtype, pin_gb=args.pin_gb)
+    except (RecordError, ModelError, OffloadError, LinkError, PolicySpecError, MemoryError_) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
@@ -116,15 +143,23 @@ def main(argv: list[str] | None = None) -> int:
     def ms(x: float | None) -> str:
         return "n/a" if x is None else f"{x * 1e3:.3f} ms"
 
+    def gib(x: int | None) -> str:
+        return "n/a" if x is None else f"{x / 2**30:.2f} GiB"
+
+    tier = ""
+    if "host_tier_pinned_bytes" in m:
+        tier = f"; host tier {gib(m['host_tier_pinned_bytes'])} pinned + {gib(m['host_tier_pageable_bytes'])} pageable"
     rows = [
-        ("model", f"{m['model']}  policy {m['policy']}  link {m['link']}"),
+        ("model", f"{m['model']}  policy {m['policy']}  link {m['link']}  {m['dtype']}  batch {m['batch_size']}"),
         ("TTFT", ms(m["ttft_s"])),
         ("TPOT", ms(m["tpot_s"])),
         ("hit rate", f"{m['hit_rate']:.4f} ({m['hits']} hits + {m['inflight_hits']} in flight / {m['accesses']})"),
-        ("bytes moved", f"{m['bytes_h2d'] / 1e6:.2f} MB in {m['misses']} loads + {m['prefetches']} prefetches"),
+        ("bytes moved", f"{m['bytes_h2d'] / 1e6:.2f} MB in {m['misses']} loads + {m['prefetches']} prefetches "
+                        f"({m['expert_bytes'] / 2**20:.2f} MiB per expert)"),
         ("perplexity", f"{m['perplexity']:.4f} (exact model {m['perplexity_exact']:.4f})"),
         ("KL(exact||run)", f"{m['kl_divergence']:.3e}"),
         ("token agreement", f"{m['token_agreement']:.4f}"),
+        ("peak memory", f"host RSS {gib(m['peak_host_rss_bytes'])}; device allocated {gib(m['peak_device_allocated_bytes'])}{tier}"),
     ]
     for k, v in rows:
         print(f"{k:<16} {v}")

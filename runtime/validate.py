@@ -1,4 +1,4 @@
-"""Measured against predicted (DESIGN section 7): run a policy for real, record the run, replay the
+"""Measured against predicted (docs/design.md section 7): run a policy for real, record the run, replay the
 recording in the simulator with the same policy and a profile calibrated on this machine, and set the
 two side by side.
 
@@ -14,23 +14,30 @@ of the runtime that calls into the simulator (`sim`, never `simpy` itself).
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-from typing import Any
+from runtime._extra import require
 
-from lab.cache import CacheConfig
-from lab.hardware import HardwareError, HardwareProfile, load_profile
-from policies import Future, PolicySpecError, make_policy
-from policies.costs import variant_bytes
-from runtime.calibrate import calibrate
-from runtime.links import LinkError
-from runtime.models import ModelError
-from runtime.offload import OffloadError
-from runtime.record import RecordError, read_prompts, record
-from sim.replay import replay
-from traces.cli import OneLineParser
-from traces.io import TraceError, write_text_atomic
+if __name__ == "__main__":
+    require("runtime.validate")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from lab.cache import CacheConfig  # noqa: E402
+from lab.hardware import HardwareError, HardwareProfile, load_profile  # noqa: E402
+from policies import Future, PolicySpecError, make_policy  # noqa: E402
+from policies.costs import variant_bytes  # noqa: E402
+from runtime.calibrate import calibrate  # noqa: E402
+from runtime.cli import add_model_options, check_out, positive, runtime_parser  # noqa: E402
+from runtime.links import LinkError  # noqa: E402
+from runtime.memory import MemoryError_  # noqa: E402
+from runtime.models import ModelError  # noqa: E402
+from runtime.offload import OffloadError  # noqa: E402
+from runtime.record import RecordError, read_prompts, record  # noqa: E402
+from sim.replay import replay  # noqa: E402
+from traces.io import TraceError, write_text_atomic  # noqa: E402
 
 # what the policy decided: equal in both engines (hits + inflight_hits = accesses - misses is, too)
 EXACT = ("accesses", "misses", "prefetches", "wasted_prefetches", "cpu_experts", "bytes_h2d", "dropped_mass",
@@ -59,25 +66,31 @@ def validate(
     out_dir: str | Path = "validation",
     device: str = "cpu",
     progress: bool = False,
+    batch_size: int = 1,
+    dtype: str | None = None,
+    pin_gb: float | None = None,
 ) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = prompts or DEFAULT_PROMPTS
     if profile is None:
         prof_path = out / "profile.json"
-        write_text_atomic(prof_path, json.dumps(calibrate(model, link, device=device, policy=policy), indent=2, sort_keys=True) + "\n")
+        write_text_atomic(prof_path, json.dumps(calibrate(model, link, device=device, policy=policy, dtype=dtype, pin_gb=pin_gb,
+                                                              progress=progress), indent=2, sort_keys=True) + "\n")
         profile = str(prof_path)
     prof = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
     future = None
     pol = make_policy(policy)
     if pol.wants_future():  # an oracle repeats an exact run: record that first
         exact = out / "exact.jsonl.gz"
-        record(model, prompts, exact, link=link, max_new_tokens=max_new_tokens, device=device, progress=progress)
+        record(model, prompts, exact, link=link, max_new_tokens=max_new_tokens, device=device, progress=progress,
+               batch_size=batch_size, dtype=dtype, pin_gb=pin_gb)
         future = Future.from_trace(exact)
     trace = out / "run.jsonl.gz"
     measured = record(
         model, prompts, trace, policy=policy, cache_experts=cache_experts, cache_per_layer=cache_per_layer, link=link,
         max_new_tokens=max_new_tokens, device=device, progress=progress, future=future, signals=False,
+        batch_size=batch_size, dtype=dtype, pin_gb=pin_gb,
         costs=lambda spec: prof.cost_model(spec, variant_bytes(spec, pol)),  # what sim.replay gives the policy
     )
     predicted = replay(trace, policy, CacheConfig(experts=cache_experts, per_layer=cache_per_layer), prof).metrics
@@ -92,6 +105,8 @@ def validate(
         "model": model,
         "policy": policy,
         "cache": {"experts": cache_experts, "per_layer": cache_per_layer},
+        "batch_size": batch_size,
+        "memory": {k: v for k, v in measured.items() if k.startswith(("peak_", "host_tier_", "planned_", "device_budget"))},
         "link": link,
         "profile": prof.name,
         "trace": str(trace),
@@ -102,9 +117,16 @@ def validate(
     return result
 
 
+def _cache_text(cache: dict[str, Any]) -> str:
+    if cache.get("per_layer") is not None:
+        return f"{cache['per_layer']} slots per layer"
+    return f"{cache.get('experts')} slots (global)"
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [
-        f"model {result['model']}, policy {result['policy']}, cache {result['cache']}, link {result['link']}, profile {result['profile']}",
+        f"model {result['model']}, policy {result['policy']}, cache {_cache_text(result['cache'])}, link {result['link']}, "
+        f"profile {result['profile']}",
         "",
         "| metric | measured | predicted | relative error |",
         "| --- | ---: | ---: | ---: |",
@@ -129,31 +151,31 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m runtime.validate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--policy", default="lru")
-    p.add_argument("--cache-experts", type=int, metavar="N")
-    p.add_argument("--cache-per-layer", type=int, metavar="K")
-    p.add_argument("--link", default="emulated:16GB/s")
-    p.add_argument("--profile", help="calibrated profile .json (default: calibrate now)")
+def build_parser() -> argparse.ArgumentParser:
+    p = runtime_parser("runtime.validate", __doc__)
+    add_model_options(p, policy_default="lru", batch=True)
+    p.add_argument("--profile", help="calibrated profile .json (default: calibrate now, into --out-dir)")
     p.add_argument("--prompts", help="prompts file (default: three built-in prompts)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out-dir", default="validation")
-    args = p.parse_args(argv)
+    p.add_argument("--max-new-tokens", type=positive, default=16, help="tokens generated per prompt")
+    p.add_argument("--out-dir", default="validation", help="folder for the traces, the profile and validation.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     prog = "runtime.validate"
     if (args.cache_experts is None) == (args.cache_per_layer is None):
         print(f"{prog}: error: give exactly one of --cache-experts N and --cache-per-layer K", file=sys.stderr)
         return 2
     try:
+        check_out(Path(args.out_dir) / "validation.json")
         prompts = read_prompts(args.prompts) if args.prompts else None
         res = validate(
             args.model, args.policy, cache_experts=args.cache_experts, cache_per_layer=args.cache_per_layer, link=args.link,
             profile=args.profile, prompts=prompts, max_new_tokens=args.max_new_tokens, out_dir=args.out_dir, device=args.device,
-            progress=True,
+            progress=True, batch_size=args.batch_size, dtype=args.dtype, pin_gb=args.pin_gb,
         )
-    except (RecordError, ModelError, OffloadError, LinkError, PolicySpecError, HardwareError, TraceError) as exc:
+    except (RecordError, ModelError, OffloadError, LinkError, PolicySpecError, HardwareError, TraceError, MemoryError_) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     print(table(res))
