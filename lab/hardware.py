@@ -57,6 +57,15 @@ class LinkProfile(_Strict):
     pinned_fraction: float | None = Field(None, ge=0, le=1, description="share of the slow tier's bytes that are "
                                           "page-locked (the runtime's --pin-gb cap); default: 1 if pinned else 0")
 
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The pageable fields only when set: a profile without them dumps as it did before they existed."""
+        out = handler(self)
+        for k in ("pageable_gbps", "pinned_fraction"):
+            if out.get(k) is None:
+                out.pop(k, None)
+        return out
+
     def effective_h2d_gbps(self) -> float:
         """The bandwidth an average expert copy sees: pinned bytes at `h2d_gbps`, pageable ones at
         `pageable_gbps` (time-weighted, i.e. the harmonic mix by the pinned share of the bytes)."""

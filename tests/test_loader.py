@@ -175,6 +175,9 @@ def test_pageable_copies_cost_more_in_the_simulator() -> None:
     assert LinkProfile(h2d_gbps=20, d2h_gbps=20, latency_us=5, pinned=False).effective_h2d_gbps() == 20 * PAGEABLE_FACTOR
     half = LinkProfile(h2d_gbps=20, d2h_gbps=20, latency_us=5, pinned_fraction=0.5, pageable_gbps=5)
     assert half.effective_h2d_gbps() == pytest.approx(1 / (0.5 / 20 + 0.5 / 5))
+    # written when set, left out when not (profiles without them dump as before)
+    assert half.model_dump()["pageable_gbps"] == 5 and "pageable_gbps" not in pinned.model_dump()
+    assert LinkProfile.model_validate(half.model_dump()) == half
 
 
 def test_the_host_holds_the_checkpoint_once(ckpt: Path) -> None:
