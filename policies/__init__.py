@@ -12,24 +12,28 @@ from policies.base import (
     Future,
     Modifier,
     Policy,
+    PolicyLike,
     PolicySpecError,
+    as_policy,
     available,
     make_policy,
+    names,
     parse_spec,
     register,
 )
 from policies.cache import CacheError, ExpertCache
 from policies.costs import ComputeCost, CostModel
-from policies.plan import Counters, LayerPlan, Load, PlanError, apply_plan
+from policies.plan import RULES, Counters, LayerPlan, Load, PlanError, apply_plan, preload
+from policies.plugins import GROUP, PluginError, load_plugin, load_plugins
 from policies.request import Key, LayerRequest
 
 __all__ = [
-    "REGISTRY", "CacheError", "ComputeCost", "CostModel", "Counters", "DemandPolicy", "ExpertCache", "Future", "Key",
+    "GROUP", "REGISTRY", "RULES", "PluginError", "PolicyLike", "as_policy", "load_plugin", "load_plugins", "names", "preload", "CacheError", "ComputeCost", "CostModel", "Counters", "DemandPolicy", "ExpertCache", "Future", "Key",
     "LayerPlan", "LayerRequest", "Load", "Modifier", "PlanError", "Policy", "PolicySpecError", "apply_plan", "available",
     "make_policy", "parse_spec", "register",
 ]
 
-_CORE = {"base", "cache", "costs", "plan", "request"}
+_CORE = {"base", "cache", "costs", "plan", "request", "plugins", "check"}  # not policies
 for _m in sorted(m.name for m in _pkgutil.iter_modules(__path__)):
     if _m not in _CORE and not _m.startswith("_"):
         _importlib.import_module(f"policies.{_m}")

@@ -107,6 +107,7 @@ class Policy:
     def reset(self, model: ModelSpec, cache: ExpertCache, costs: CostModel | None, future: Future | None = None) -> None:
         self.model = model
         self.costs = costs
+        self.__dict__.pop("_listeners", None)
         if self.wants_future() and future is None:
             raise PolicySpecError(f"policy {self.name!r} is an oracle: it needs the future accesses (replay a trace)")
 
@@ -120,6 +121,37 @@ class Policy:
         """One-line remarks on how the run went that a result should mention (a look-ahead that fell
         back to its history predictor, ...); `sim.replay` prints them after the run."""
         return []
+
+    # -- what the engines tell the policy (libCacheSim-style hooks) ---------------------------------
+    # `policies.apply_plan` (both engines) calls these for every change it applies to the cache, in
+    # the order it applies them, so a policy that keeps its own queues never drifts from the cache: the
+    # evictions of `make_room`'s forced streaming path and a modifier's prefetches included. They are
+    # called on each part of a composite that overrides one (`listeners`), after `reset`.
+    def on_admit(self, key: Key, variant: str, prefetch: bool) -> None:
+        """`key` took a slot (an urgent load, or a prefetch), as `variant`; its copy may still be in flight."""
+
+    def on_evict(self, key: Key) -> None:
+        """`key` left its slot (before the key that replaces it is admitted; a new variant of a resident
+        key is an eviction of the old copy, then an admission)."""
+
+    def on_access(self, key: Key, hit: bool) -> None:
+        """The call ran `key` on the GPU, after the plan's loads; `hit`: it was resident (or in flight)
+        before the call. Called in access order, once per distinct expert of the call (experts the plan
+        runs on the CPU are no cache access and are not reported)."""
+
+    def listeners(self) -> tuple[Policy, ...]:
+        """The parts of this policy (itself, and a modifier's base, recursively) that override a hook:
+        what `apply_plan` tells every change to."""
+        got = self.__dict__.get("_listeners")
+        if got is None:
+            parts: list[Policy] = []
+            p: Policy | None = self
+            while p is not None:
+                if _hooked(type(p)):
+                    parts.append(p)
+                p = p.__dict__.get("_base")
+            got = self._listeners = tuple(parts)
+        return got
 
     # -- shared planning helpers --------------------------------------------------------------------
     def victim(self, cache: ExpertCache, part: int, exclude: set[Key] | frozenset[Key]) -> Key | None:
@@ -190,6 +222,13 @@ class Policy:
             chosen.add(victim)
             loads.append(Load(key, victim))
         return loads
+
+
+_HOOKS = ("on_admit", "on_evict", "on_access")
+
+
+def _hooked(cls: type) -> bool:
+    return any(getattr(cls, h) is not getattr(Policy, h) for h in _HOOKS)
 
 
 def _fmt(v: Any) -> str:
@@ -280,15 +319,42 @@ class Modifier(Policy):
 REGISTRY: dict[str, type[Policy]] = {}
 
 
+def is_builtin(cls: type) -> bool:
+    """Whether a policy class ships with this package (a module of `policies/`)."""
+    return cls.__module__.startswith("policies.")
+
+
 def register(name: str) -> Any:
+    """Class decorator: make `cls` the policy `name` in every spec string.
+
+    A name is taken once: a plugin may not take a built-in's name (its results would be mistaken for
+    the built-in's), and two plugins may not take the same one. Registering the same class again (a
+    module imported twice, by name and by file) is allowed."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise PolicySpecError(f"policy name {name!r} is not a spec name (a letter, then letters, digits, '_' or '-')")
+
     def deco(cls: type[Policy]) -> type[Policy]:
-        if name in REGISTRY:
-            raise ValueError(f"policy name {name!r} registered twice")
+        have = REGISTRY.get(name)
+        if have is not None and have is not cls:
+            same = have.__module__ == cls.__module__ and have.__qualname__ == cls.__qualname__
+            if is_builtin(have) and not is_builtin(cls):
+                raise PolicySpecError(
+                    f"{cls.__module__}.{cls.__qualname__} registers the policy name {name!r}, which the built-in "
+                    f"{have.__module__}.{have.__qualname__} has; choose another name"
+                )
+            if not same:
+                raise PolicySpecError(
+                    f"policy name {name!r} registered twice: by {have.__module__}.{have.__qualname__} and "
+                    f"{cls.__module__}.{cls.__qualname__}"
+                )
         cls.name = name
         REGISTRY[name] = cls
         return cls
 
     return deco
+
+
+_NAME = re.compile(r"[A-Za-z][\w\-]*")
 
 
 _SPEC_PART = re.compile(r"^\s*([A-Za-z][\w\-]*)\s*(?:\((.*)\))?\s*$", re.S)
@@ -346,10 +412,14 @@ def _describe_params(cls: type[Policy]) -> str:
 
 def _build(name: str, params: dict[str, Any]) -> type[Policy] | Policy:
     import policies  # noqa: F401  (registers the built-in policies)
+    from policies.plugins import entry_point_names, load_entry_point
 
+    entry_point_names()  # the installed plugins' names, read once (a name that collides with a built-in is refused)
     cls = REGISTRY.get(name)
+    if cls is None and load_entry_point(name):  # an installed package's policy, imported the first time it is named
+        cls = REGISTRY.get(name)
     if cls is None:
-        raise PolicySpecError(f"unknown policy {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        raise PolicySpecError(f"unknown policy {name!r}; known: {', '.join(names())}")
     try:
         p = cls.Params(**params)
     except ValidationError as exc:
@@ -386,8 +456,55 @@ def make_policy(spec: str) -> Policy:
     return policy
 
 
-def available() -> dict[str, str]:
-    """Name -> first docstring line of every registered policy."""
-    import policies  # noqa: F401
+PolicyLike = str | Policy | type[Policy]
+"""What the tools accept as a policy in Python: a spec string, a Policy subclass (built with its
+default parameters) or an instance (used as it is; it is `reset` at the start of each run)."""
 
-    return {n: (c.__doc__ or "").strip().splitlines()[0] for n, c in sorted(REGISTRY.items())}
+
+def as_policy(policy: PolicyLike) -> Policy:
+    """The policy a spec string, a Policy subclass or an instance stands for. A class or instance must
+    be registered under its name (`@register`): results name their policy by its spec, and other
+    processes (sweep workers) build it from that spec."""
+    if isinstance(policy, str):
+        return make_policy(policy)
+    if isinstance(policy, type) and issubclass(policy, Policy):
+        inst = policy()
+    elif isinstance(policy, Policy):
+        inst = policy
+    else:
+        raise PolicySpecError(f"a policy is a spec string, a Policy subclass or a Policy instance, not {type(policy).__name__}")
+    cls = type(inst)
+    if REGISTRY.get(cls.name) is not cls:
+        inherited = f" (it inherits the name {cls.name!r})" if cls.name else ""
+        raise PolicySpecError(
+            f"policy class {cls.__module__}.{cls.__qualname__} is not registered{inherited}: decorate it with "
+            "@register('its-name') so that results and other processes can name it"
+        )
+    if inst.wraps and inst.__dict__.get("_base") is None:
+        default = getattr(inst, "default_base", None)
+        if default is None:
+            raise PolicySpecError(f"{cls.name!r} is a modifier: wrap a replacement policy first, e.g. 'lru+{cls.name}'")
+        inst.wrap(make_policy(default))  # type: ignore[attr-defined]
+    return inst
+
+
+def available() -> dict[str, str]:
+    """Name -> first docstring line of every policy: the built-in ones, those registered so far
+    (plugins), and those that installed packages declare as entry points (loaded here)."""
+    import policies  # noqa: F401
+    from policies.plugins import load_all_entry_points
+
+    load_all_entry_points()
+    return {n: ((c.__doc__ or "").strip().splitlines() or [""])[0] for n, c in sorted(REGISTRY.items())}
+
+
+def names() -> list[str]:
+    """Every policy name a spec may use, without importing any plugin (for help texts and errors)."""
+    import policies  # noqa: F401
+    from policies.plugins import PluginError, entry_point_names
+
+    try:
+        eps = entry_point_names()
+    except PluginError:
+        eps = []
+    return sorted({*REGISTRY, *eps})

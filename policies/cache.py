@@ -21,6 +21,23 @@ class CacheError(ValueError):
     pass
 
 
+class PlanError(CacheError):
+    """A policy returned a plan that cannot be executed (a policy bug, named as such).
+
+    `rule` is the rule it breaks (a key of `policies.plan.RULES`); once `apply_plan` has seen it,
+    `policy` is the policy's spec and the message starts `policy 'SPEC': layer L step S: RULE: `."""
+
+    def __init__(self, rule: str, message: str | None = None, policy: str | None = None, where: str = ""):
+        if message is None:  # PlanError("what went wrong"): a rule of the policy's own
+            rule, message = "invalid-plan", rule
+        self.rule, self.detail, self.policy, self.where = rule, message, policy, where
+        head = f"policy {policy!r}: " if policy else ""
+        super().__init__(f"{head}{where + ': ' if where else ''}{rule}: {message}")
+
+    def named(self, policy: str | None, where: str) -> PlanError:
+        return PlanError(self.rule, self.detail, policy or self.policy, where or self.where)
+
+
 class ExpertCache:
     """Slots for experts: one slot holds one expert of one variant (`full` or `low`).
 
@@ -108,17 +125,17 @@ class ExpertCache:
         """Put `key` in a slot, evicting `victim` first. Returns True if the victim was an unused prefetch."""
         resident = self.resident
         if key in resident and victim != key:  # victim == key: a new variant in the same slot
-            raise CacheError(f"plan loads {key}, which is already resident")
+            raise PlanError("load-resident", f"plan loads {key}, which is already resident")
         part = 0 if self._global else key[0]
         wasted = False
         if victim is not None:
             if victim not in resident:
-                raise CacheError(f"plan evicts {victim}, which is not resident")
+                raise PlanError("evict-absent", f"plan evicts {victim}, which is not resident")
             if (0 if self._global else victim[0]) != part:
-                raise CacheError(f"plan evicts {victim} to make room for {key} in another partition")
+                raise PlanError("evict-other-partition", f"plan evicts {victim} to make room for {key} in another partition")
             wasted = self.evict(victim)
         if self.free[part] <= 0:
-            raise CacheError(f"plan loads {key} into a full partition without evicting anything")
+            raise PlanError("no-free-slot", f"plan loads {key} into a full partition without evicting anything")
         self.free[part] -= 1
         resident[key] = variant
         self.inflight.add(key)

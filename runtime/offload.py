@@ -48,6 +48,7 @@ from runtime.introspect import (  # noqa: F401  (re-exported: `from runtime.offl
     find_moe_layers,
     model_spec,
 )
+from policies.plan import preload as preload_key
 from runtime.links import Copy, CudaLink, EmulatedLink, LinkSpec, make_link, parse_link
 from runtime.memory import release_freed_memory
 from runtime.signals import RouterTap, importance_of, lookahead_of, probs_of
@@ -278,7 +279,7 @@ class OffloadSession:
         req = LayerRequest(step.step, step.phase, layer, idx_np, w_np, probs, look, importance)  # type: ignore[arg-type]
         plan = self.policy.plan(req, self.cache)
         waits = {k: self._pending[k] for k in plan.execute if k in self._pending}
-        apply_plan(self.cache, req, plan, self.counters, self.costs.variant_bytes)
+        apply_plan(self.cache, req, plan, self.counters, self.costs.variant_bytes, self.policy)
         release: dict[Key, Any] = {}
         # slots of the call's experts now: a later copy of this call may take a slot over (reuse)
         slot_for = {k: self.pool.slot_of[k] for k in plan.execute if k in self.pool.slot_of}
@@ -426,8 +427,7 @@ class OffloadSession:
         for key in keys:
             if key in self.cache or self.cache.free[self.cache.part(key)] <= 0:
                 continue
-            self.cache.apply_load(key, None)
-            self.cache.complete(key)
+            preload_key(self.cache, key, self.policy)  # resident, complete, and told to the policy
             slot = self.pool.assign(key, None)
             self.pool.buf[slot].copy_(self.store.buffers[key])
             self.pool.variant[slot] = "full"

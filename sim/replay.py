@@ -2,7 +2,7 @@
 
     python -m sim.replay TRACE --policy SPEC (--cache-experts N [--partition global|per_layer]
         | --cache-per-layer K | --cache-gb X) [--hardware NAME|FILE] [--out result.json]
-        [--timeline timeline.html] [--chrome-trace trace.json] [--allow-truncated] [--stream]
+        [--timeline timeline.html] [--chrome-trace trace.json] [--allow-truncated] [--plugin MODULE ...] [--stream]
 
 Prints a summary table. `--out` writes JSON with `config` (all that reproduces the run, the trace's
 digest included) and `metrics`; identical inputs give byte-identical files.
@@ -23,20 +23,16 @@ from pydantic import ValidationError
 
 from lab.cache import GIB, CacheConfig
 from lab.hardware import GB, HardwareError, HardwareProfile, load_profile, presets
-from policies import CacheError, Future, LayerRequest, PolicySpecError, available, make_policy
-from policies.costs import variant_bytes
+from policies import CacheError, Future, LayerRequest, PolicyLike, PolicySpecError, load_plugins, names
 from sim import calls
-from sim.engine import SimResult, Simulation, Timeline
+from sim.assembly import ReplayError, assemble
+from sim.engine import SimResult, Timeline
 from traces.cli import OneLineParser
 from traces.columnar import read_columnar
 from traces.io import Record, TraceError, TraceReader, file_digest, write_text_atomic
 
 TOOL = "moe-offload-lab 0.1.0"
 DEFAULT_HARDWARE = "rtx4090"
-
-
-class ReplayError(ValueError):
-    pass
 
 
 @dataclass
@@ -53,7 +49,7 @@ class ReplayResult:
 
 def replay(
     trace: str | os.PathLike[str],
-    policy: str,
+    policy: PolicyLike,
     cache: CacheConfig,
     hardware: str | HardwareProfile = DEFAULT_HARDWARE,
     *,
@@ -62,8 +58,10 @@ def replay(
     progress: bool = False,
     stream: bool = False,
 ) -> ReplayResult:
-    """Replay `trace` and return its config and metrics. Raises TraceError, PolicySpecError,
-    CacheError or HardwareError with a one-line message on bad input.
+    """Replay `trace` and return its config and metrics. `policy` is a spec string, a Policy subclass or
+    an instance (registered: see `policies.as_policy`). Raises TraceError, PolicySpecError, CacheError,
+    HardwareError or ReplayError with a one-line message on bad input; the run is assembled by
+    `sim.assembly.assemble`, as the sweep's points are.
 
     The trace is read into columns (`traces.columnar`), from its on-disk cache after the first
     read; `stream=True` reads it line by line instead (constant memory, no cache, the same numbers).
@@ -73,37 +71,25 @@ def replay(
     header = TraceReader(path, allow_truncated=allow_truncated).header
     model = header.model
     profile = hardware if isinstance(hardware, HardwareProfile) else load_profile(hardware)
-    pol = make_policy(policy)
-    missing = sorted(f for f in pol.required_fields() if not header.carries(f))
-    if missing:
-        raise ReplayError(
-            f"{path}: policy {pol.spec!r} needs the trace field(s) {', '.join(missing)}, which this trace does not carry "
-            "(record it with python -m runtime.record)"
-        )
-    ca = cache.build(model)
-    costs = profile.cost_model(model, variant_bytes(model, pol))  # a low-precision variant's bytes too
-    notes: list[str] = []
-    budget = profile.expert_budget_bytes(model)
-    cache_bytes = ca.capacity * model.expert_bytes
-    if cache_bytes > budget:
-        notes.append(
-            f"the cache ({cache_bytes / GIB:.1f} GiB) exceeds what {profile.name} has left for experts "
-            f"({max(budget, 0) / GIB:.1f} GiB after {model.dense_bytes / GIB:.1f} GiB dense weights and "
-            f"{profile.gpu.reserve_gib:g} GiB reserve); timings assume it fits"
-        )
     col = None
     reader = None
+
+    def future() -> Future:  # only an oracle asks, before its reset; read the records once
+        nonlocal col
+        if stream:
+            return Future.from_records(TraceReader(path, allow_truncated=allow_truncated))
+        col = read_columnar(path, allow_truncated=allow_truncated)
+        return calls.future(col)
+
+    run = assemble(header, policy, cache, profile, future=future, source=str(path))
+    pol, ca, costs, notes = run.policy, run.cache, run.costs, run.notes
+    assert costs is not None
+    cache_bytes = ca.capacity * model.expert_bytes
     if stream:
         reader = TraceReader(path, allow_truncated=allow_truncated)
-        future = Future.from_records(TraceReader(path, allow_truncated=allow_truncated)) if pol.wants_future() else None
-    else:
-        if pol.wants_future():
-            col = read_columnar(path, allow_truncated=allow_truncated)
-        future = calls.future(col) if col is not None else None
-    pol.reset(model, ca, costs, future)
-    if not stream and col is None:
+    elif col is None:
         col = read_columnar(path, allow_truncated=allow_truncated)  # cached by digest: a second replay skips parsing
-    sim = Simulation(model, pol, ca, costs, copy_engines=profile.link.copy_engines, timeline=timeline)
+    sim = run.simulation(timeline)
     records: Iterator[LayerRequest | Record]
     if col is not None:
         records, total, unit = calls.requests(col, with_steps=costs.dense_per_key_s > 0), col.n, " call"
@@ -178,7 +164,7 @@ def summary(res: ReplayResult) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m sim.replay", description="Replay an MoE routing trace under an offloading policy.")
     p.add_argument("trace", help="trace file (.jsonl or .jsonl.gz)")
-    p.add_argument("--policy", default="lru", help=f"policy spec (default lru); known: {', '.join(available())}")
+    p.add_argument("--policy", default="lru", help=f"policy spec (default lru); known: {', '.join(names())}")
     size = p.add_argument_group("cache size (exactly one)")
     size.add_argument("--cache-experts", type=int, metavar="N", help="total expert slots")
     size.add_argument("--cache-per-layer", type=int, metavar="K", help="K slots in every MoE layer (per_layer partition)")
@@ -195,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true",
                    help="read the trace line by line (constant memory, no cache) instead of into cached columns")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE (or a .py file) that registers policies first; repeatable")
     return p
 
 
@@ -218,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     timeline = Timeline(args.timeline_steps, args.timeline_from) if args.timeline or args.chrome_trace else None
     try:
+        load_plugins(args.plugin)
         res = replay(
             args.trace, args.policy, cache, args.hardware, allow_truncated=args.allow_truncated, timeline=timeline,
             progress=not args.no_progress, stream=args.stream,

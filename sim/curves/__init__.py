@@ -54,8 +54,9 @@ from typing import Any
 import numpy as np
 
 from lab.cache import CacheConfig
-from policies import CacheError, Counters, LayerRequest, PolicySpecError, apply_plan, make_policy
+from policies import CacheError, Counters, LayerRequest, PolicyLike, PolicySpecError, apply_plan
 from policies.base import Future
+from sim.assembly import assemble
 from sim.curves.calls import Calls, calls_from_records, read_calls
 from sim.curves.stack import NEVER, Partition, count_less, hits_below, lru_depths, opt_depths
 from traces.cli import OneLineParser
@@ -70,15 +71,14 @@ TOOL = "moe-offload-lab 0.1.0"
 
 
 # -- sizes the stacks do not cover: the policies themselves -----------------------------------------
-def simulate_hits(calls: Calls, policy: str, cache: CacheConfig) -> int:
+def simulate_hits(calls: Calls, policy: PolicyLike, cache: CacheConfig) -> int:
     """Hits of `policy` (a demand policy: `lru`, `belady`, ...) over the calls, counted by the policy's
     own `plan` and `apply_plan`, as the simulator does, without its clock: every copy has landed before
     the next call plans, as in `sim.replay` (a demand call waits for its loads)."""
     model = calls.model
-    ca = cache.build(model)
-    pol = make_policy(policy)
     tuples = calls.key_tuples()
-    pol.reset(model, ca, None, Future(tuples) if pol.wants_future() else None)
+    run = assemble(model, policy, cache, None, future=lambda: Future(tuples))  # counts only: no costs
+    pol, ca = run.policy, run.cache
     counters = Counters()
     sizes = {"full": model.expert_bytes}
     steps = calls.steps.tolist()
@@ -87,7 +87,7 @@ def simulate_hits(calls: Calls, policy: str, cache: CacheConfig) -> int:
         # a one-row request whose weights fall in access order reproduces the call's access order
         req = LayerRequest(steps[c], "decode", need[0][0], [[k[1] for k in need]], [[float(m - j) for j in range(m)]])
         plan = pol.plan(req, ca)
-        apply_plan(ca, req, plan, counters, sizes)
+        apply_plan(ca, req, plan, counters, sizes, pol)
         for ld in plan.loads:
             ca.complete(ld.key)
     return counters.hits

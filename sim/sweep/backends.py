@@ -139,13 +139,18 @@ def _run_ray(
     started = False
     if not ray.is_initialized():
         root = str(Path(__file__).resolve().parents[2])
+        plugin_dirs, plugin_modules = _plugin_sources(todo)
         if address:
+            import lab
             import policies
             import sim
             import traces
 
+            # the cluster's workers get the code: this package's and the plugins' (installed plugins
+            # must be installed on the nodes too, or be packages Ray can ship)
+            modules = [traces, policies, lab, sim, *plugin_modules]
             try:
-                ray.init(address=address, include_dashboard=False, runtime_env={"py_modules": [traces, policies, sim]})
+                ray.init(address=address, include_dashboard=False, runtime_env={"py_modules": modules})
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise SweepError(
@@ -153,7 +158,9 @@ def _run_ray(
                     "set RAY_AUTH_MODE=token and the cluster's token here too)"
                 ) from None
         else:
-            pythonpath = os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH", "")) if x)
+            # a local Ray's workers run this interpreter: installed plugins are there; the folders of
+            # plugins imported from sys.path or a file go on their PYTHONPATH
+            pythonpath = os.pathsep.join(dict.fromkeys(x for x in (root, *plugin_dirs, os.environ.get("PYTHONPATH", "")) if x))
             ray.init(num_cpus=jobs, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
         started = True
     try:
@@ -187,6 +194,28 @@ def _run_ray(
     finally:
         if started:
             ray.shutdown()
+
+
+def _plugin_sources(todo: list[Point]) -> tuple[list[str], list[Any]]:
+    """For the plugins the points import: the folders a worker needs on its path, and the top-level
+    modules of those that are not installed (what a cluster must be sent)."""
+    dirs: list[str] = []
+    modules: list[Any] = []
+    for target in dict.fromkeys(t for p in todo for t in p.task.get("plugins", ())):
+        name = Path(target).stem if target.endswith(".py") else target.split(".")[0]
+        mod = sys.modules.get(name)
+        file = getattr(mod, "__file__", None)
+        if mod is None or not file:
+            continue
+        path = Path(file).resolve()
+        folder = path.parent.parent if path.name == "__init__.py" else path.parent
+        if "site-packages" in folder.parts or "dist-packages" in folder.parts:
+            continue  # installed: the workers' interpreter finds it
+        if str(folder) not in dirs:
+            dirs.append(str(folder))
+        if mod not in modules and path.name == "__init__.py":
+            modules.append(mod)
+    return dirs, modules
 
 
 def _ray() -> Any:

@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write results.csv or results.parquet (pyarrow) from all rows; repeatable")
     p.add_argument("--retry-errors", action="store_true", help="rerun points whose earlier run failed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE (or a .py file) that registers policies, here and in every worker; repeatable")
     return p
 
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             _pyarrow()
         if args.backend == "ray":
             _ray()
-        sweep = load_sweep(args.sweep)
+        sweep = load_sweep(args.sweep, plugins=args.plugin)
         summary = run_sweep(
             sweep, args.out, jobs=args.jobs, backend=args.backend, address=args.address,
             progress=not args.no_progress, retry_errors=args.retry_errors,

@@ -8,7 +8,7 @@ import json
 import os
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,7 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lab.cache import CacheConfig
 from lab.hardware import HardwareError, HardwareProfile, load_profile
-from policies import CacheError, PolicySpecError, make_policy, parse_spec
+from policies import (
+    CacheError,
+    PluginError,
+    PolicyLike,
+    PolicySpecError,
+    as_policy,
+    load_plugin,
+    make_policy,
+    parse_spec,
+)
+from policies.plugins import plugin_modules
+from sim.assembly import ReplayError, check_policy
 from sim.tomlpos import format_loc, key_lines, line_of
 from traces.columnar import read_columnar
 from traces.io import TraceError, TraceReader, file_digest
@@ -77,6 +88,7 @@ class SweepFile(_Strict):
     cache: CacheGrid
     hardware: list[str]
     exclude: list[ExcludeRule] = []
+    plugins: list[str] = []  # modules (or .py files, relative to the sweep file) that register policies
 
 
 def _as_list(v: Any) -> list[Any]:
@@ -104,6 +116,17 @@ class HardwareInfo:
 
 
 @dataclass
+class PolicyInfo:
+    written: str  # as the sweep file gives it (or the spec of a Python object)
+    canonical: str
+    files: dict[str, str]  # files its parameters name -> sha256
+    lossless: bool
+    oracle: bool
+    modules: list[str]  # the non-built-in modules its classes come from (config) and workers import
+    obj: Any = None  # a Policy subclass or instance given in Python, handed to the workers as it is
+
+
+@dataclass
 class Point:
     config_hash: str
     task: dict[str, Any]  # what a worker needs, all plain data
@@ -117,6 +140,7 @@ class Sweep:
     traces: list[TraceInfo]
     points: list[Point]
     excluded: int = 0
+    plugins: list[str] = field(default_factory=list)  # as imported: module names or absolute .py paths
 
 
 def _cache_label(req: dict[str, Any]) -> tuple[str, float]:
@@ -179,10 +203,17 @@ def _policy_spec(base: Path, written: str) -> tuple[str, dict[str, str]]:
     return ("+".join(out) if changed else written), files
 
 
-def load_sweep(path: str | os.PathLike[str], *, full_trace_check: bool = True) -> Sweep:
+def load_sweep(
+    path: str | os.PathLike[str],
+    *,
+    full_trace_check: bool = True,
+    plugins: Sequence[str] = (),
+    policies: Sequence[PolicyLike] | None = None,
+) -> Sweep:
     """Read and check a sweep file; raise SweepError with one line on any problem. With
     `full_trace_check`, every trace is read and validated to its footer (a bad line is found now, not
-    in every point)."""
+    in every point). `plugins` are imported besides the file's (`--plugin`); `policies` replaces the
+    file's list (which may then be left out) with spec strings, Policy subclasses or instances."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -206,6 +237,8 @@ def load_sweep(path: str | os.PathLike[str], *, full_trace_check: bool = True) -
             line = at.split(",")[0].rstrip(")")
         raise SweepError(f"{path}:{line}: invalid TOML: {msg}" if line else f"{path}: invalid TOML: {msg}") from None
     where = _Where(path, text)
+    if policies is not None and isinstance(data, dict):
+        data = {**data, "policies": []}
     try:
         spec = SweepFile.model_validate(data)
     except ValidationError as exc:
@@ -230,12 +263,51 @@ def load_sweep(path: str | os.PathLike[str], *, full_trace_check: bool = True) -
             raise where.error(loc[:-1], f"missing key {format_loc(loc)!r}") from None
         msg = err["msg"].removeprefix("Value error, ")
         raise where.error(loc, msg) from None
-    return _check(spec, path, where, full_trace_check)
+    return _check(spec, path, where, full_trace_check, plugins, policies)
 
 
-def _check(spec: SweepFile, path: Path, where: _Where, full_trace_check: bool) -> Sweep:
+def _plugins(spec: SweepFile, base: Path, where: _Where, extra: Sequence[str]) -> list[str]:
+    """Import the file's plugins (paths relative to its folder) and then `extra`; returns them as
+    another process imports them (module names, absolute .py paths)."""
+    out: list[str] = []
+    for i, written in enumerate([*spec.plugins, *extra]):
+        is_file = written.endswith(".py") or "/" in written or os.sep in written
+        target = str(_resolve(base if i < len(spec.plugins) else Path.cwd(), written).resolve()) if is_file else written
+        try:
+            load_plugin(target)
+        except PluginError as exc:
+            if i < len(spec.plugins):
+                raise where.error(["plugins", i], str(exc)) from None
+            raise SweepError(str(exc)) from None
+        if target not in out:
+            out.append(target)
+    return out
+
+
+def _policy_info(base: Path, written: PolicyLike) -> PolicyInfo:
+    if isinstance(written, str):
+        resolved, files = _policy_spec(base, written)
+        pol = make_policy(resolved)
+        obj = None
+    else:
+        pol, files = as_policy(written), {}
+        obj = written
+        written = pol.spec
+    modules = [m for m in plugin_modules(pol) if m != "__main__"]
+    return PolicyInfo(written, pol.spec, files, bool(getattr(pol, "lossless", True)), pol.wants_future(), modules, obj)
+
+
+def _check(
+    spec: SweepFile, path: Path, where: _Where, full_trace_check: bool, extra_plugins: Sequence[str] = (),
+    objects: Sequence[PolicyLike] | None = None,
+) -> Sweep:
     base = path.parent
+    plugins = _plugins(spec, base, where, extra_plugins)
     for key in ("traces", "policies", "hardware"):
+        if key == "policies" and objects is not None:
+            if not objects:
+                raise SweepError(f"{path}: policies: the list given in Python is empty")
+            continue
         if not getattr(spec, key):
             raise where.error([key], "empty: the grid needs at least one entry (an empty list gives no points)")
     c = spec.cache
@@ -270,20 +342,25 @@ def _check(spec: SweepFile, path: Path, where: _Where, full_trace_check: bool) -
         seen_trace[sha] = i
         traces.append(TraceInfo(written, p, sha, reader.header))
 
-    # policies: specs that build; canonical spellings distinct
-    policies: list[tuple[str, str, dict[str, str], bool, bool]] = []  # (written, canonical, files, lossless, oracle)
+    # policies: specs that build, that every trace carries the fields of; canonical spellings distinct
+    policies: list[PolicyInfo] = []
     seen_pol: dict[str, int] = {}
-    for i, written in enumerate(spec.policies):
+    given: Sequence[PolicyLike] = spec.policies if objects is None else objects
+    for i, written in enumerate(given):
+        loc: list[str | int] = ["policies", i] if objects is None else []
         try:
-            resolved, files = _policy_spec(base, written)
-            pol = make_policy(resolved)
-        except PolicySpecError as exc:
-            raise where.error(["policies", i], str(exc)) from None
-        canon = pol.spec
+            info = _policy_info(base, written)
+            for t in traces:
+                check_policy(t.header, make_policy(info.canonical) if info.obj is None else info.obj, t.written)
+        except (PolicySpecError, ReplayError) as exc:
+            if objects is not None:
+                raise SweepError(f"{path}: policies[{i}] (given in Python): {exc}") from None
+            raise where.error(loc, str(exc)) from None
+        canon = info.canonical
         if canon in seen_pol:
-            raise where.error(["policies", i], f"{written!r} is the same policy as policies[{seen_pol[canon]}] ({canon})")
+            raise where.error(loc, f"{info.written!r} is the same policy as policies[{seen_pol[canon]}] ({canon})")
         seen_pol[canon] = i
-        policies.append((written, canon, files, bool(getattr(pol, "lossless", True)), pol.wants_future()))
+        policies.append(info)
 
     # hardware: presets or profile files, usable with every trace's model
     hardware: list[HardwareInfo] = []
@@ -327,7 +404,8 @@ def _check(spec: SweepFile, path: Path, where: _Where, full_trace_check: bool) -
     by_hash: dict[str, str] = {}
     for t in traces:
         model = t.model
-        for _, canon, files, lossless, oracle in policies:
+        for info in policies:
+            canon, files, lossless, oracle = info.canonical, info.files, info.lossless, info.oracle
             for hw in hardware:
                 budget = hw.profile.expert_budget_bytes(model)
                 for _, req in requests:
@@ -347,6 +425,8 @@ def _check(spec: SweepFile, path: Path, where: _Where, full_trace_check: bool) -
                         "cache": request,
                         "hardware": hw.profile.model_dump(mode="json"),
                     }
+                    if info.modules:  # a plugin's policy: the same name from another module is another policy
+                        config["policy_modules"] = info.modules
                     h = config_hash(config)
                     slots = cfg.slots(model)
                     label = f"{canon} / {t.written} / {hw.written} / {kind}={value}"
@@ -381,10 +461,14 @@ def _check(spec: SweepFile, path: Path, where: _Where, full_trace_check: bool) -
                         "cache": request if kind != "per_layer" else {"per_layer": value},
                         "profile": config["hardware"],
                     }
+                    if plugins or info.modules:  # what the worker imports before building the policy
+                        task["plugins"] = [*plugins, *(m for m in info.modules if m not in plugins)]
+                    if info.obj is not None:
+                        task["policy_obj"] = info.obj
                     points.append(Point(h, task, columns))
     if not points:
         raise where.error(["exclude"] if spec.exclude else [], f"the grid is empty: all {excluded} points are excluded")
-    return Sweep(path, spec.description, traces, points, excluded)
+    return Sweep(path, spec.description, traces, points, excluded, plugins)
 
 
 def _tool() -> str:
@@ -398,14 +482,14 @@ def _check_excludes(
     where: _Where,
     base: Path,
     traces: list[TraceInfo],
-    policies: list[tuple[str, str, dict[str, str], bool, bool]],
+    policies: list[PolicyInfo],
     hardware: list[HardwareInfo],
 ) -> list[Callable[[dict[str, Any]], bool]]:
     """Each rule as a predicate over a point's fields; a value that names nothing in the grid is an error
     (a typo would otherwise exclude nothing, silently)."""
     rules = []
     trace_paths = {str(t.path) for t in traces}
-    canon = {p[1] for p in policies}
+    canon = {p.canonical for p in policies}
     for i, rule in enumerate(spec.exclude):
         want: dict[str, set[Any]] = {}
         for key in type(rule).model_fields:

@@ -3,6 +3,7 @@ the point's metrics or an error row (a failing policy never crashes a sweep)."""
 
 from __future__ import annotations
 
+import copy
 import time
 import traceback
 from collections import OrderedDict
@@ -13,9 +14,9 @@ from typing import Any
 
 from lab.cache import CacheConfig
 from lab.hardware import HardwareProfile
-from policies import make_policy
-from policies.costs import variant_bytes
+from policies import load_plugins
 from sim import calls
+from sim.assembly import assemble
 from sim.sweep.spec import SweepError
 from traces.columnar import ColumnarTrace, read_columnar
 from traces.schema import Header
@@ -63,28 +64,33 @@ def _load_trace(path: str, sha256: str) -> tuple[_Loaded, bool]:
     return loaded, True
 
 
+def _policy(task: dict[str, Any]) -> Any:
+    """The point's policy: its plugins imported first (a worker process starts with none), then built
+    from its spec, or a fresh copy of the Policy object given in Python."""
+    plugins = task.get("plugins")
+    if plugins:
+        load_plugins(plugins)
+    obj = task.get("policy_obj")
+    return task["policy"] if obj is None else copy.deepcopy(obj)
+
+
 def _simulate(task: dict[str, Any], reuse_traces: bool) -> dict[str, Any]:
-    """The metrics of one point, exactly as `sim.replay.replay` computes them."""
+    """The metrics of one point, exactly as `sim.replay.replay` computes them (both assemble the run
+    with `sim.assembly.assemble`; tests/test_sweep.py holds the two equal)."""
     from sim.replay import replay
 
     cache = CacheConfig(**task["cache"])
     profile = HardwareProfile.model_validate(task["profile"])
+    policy = _policy(task)
     if not reuse_traces:
-        res = replay(task["trace_path"], task["policy"], cache, profile)
+        res = replay(task["trace_path"], policy, cache, profile)
         if res.config["trace"]["sha256"] != task["trace_sha256"]:
             raise SweepError(f"{task['trace_path']}: the trace changed since the sweep was checked; rerun the sweep")
         return res.metrics
-    # the body of replay() on a trace read once per process; tests/test_sweep.py holds the two equal
-    from sim.engine import Simulation
-
     loaded, _ = _load_trace(task["trace_path"], task["trace_sha256"])
-    model = loaded.header.model
-    pol = make_policy(task["policy"])
-    ca = cache.build(model)
-    costs = profile.cost_model(model, variant_bytes(model, pol))
-    pol.reset(model, ca, costs, loaded.future() if pol.wants_future() else None)
-    sim = Simulation(model, pol, ca, costs, copy_engines=profile.link.copy_engines)
-    return sim.run(loaded.records(with_steps=costs.dense_per_key_s > 0)).metrics()
+    run = assemble(loaded.header, policy, cache, profile, future=loaded.future, source=task["trace_path"])
+    assert run.costs is not None
+    return run.simulation().run(loaded.records(with_steps=run.costs.dense_per_key_s > 0)).metrics()
 
 
 def _error_text(exc: BaseException) -> str:
