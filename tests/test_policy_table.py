@@ -1,4 +1,4 @@
-"""bench/policy_table.py: every registered policy is in the comparison, and on the trained zoo models
+"""bench/policy_table.py: every built-in policy is in the comparison (a new one with no edit to a list), and on the trained zoo models
 the quality cost of a lossy policy is measured and grows with its threshold (about 15 s)."""
 
 from __future__ import annotations
@@ -21,13 +21,20 @@ def _bench() -> ModuleType:
 
 
 def test_every_registered_policy_is_compared() -> None:
-    from policies import REGISTRY
+    from policies import REGISTRY, make_policy
+    from policies.base import is_builtin
 
     mod = _bench()
     mod.check_coverage(mod.SPECS)
-    with pytest.raises(SystemExit, match="leaves out the registered policies"):
+    builtin = {n for n, c in REGISTRY.items() if is_builtin(c)}
+    assert builtin <= {name for s in mod.SPECS for name, _ in mod.parse_spec(s)}
+    with pytest.raises(SystemExit, match="leaves out the registered policies buddy"):
         mod.check_coverage([s for s in mod.SPECS if not s.startswith("buddy")])
-    assert set(REGISTRY) <= {name for s in mod.SPECS for name, _ in mod.parse_spec(s)}
+    # a policy that no hand-picked variant names is compared in its default form: no hand list to edit
+    specs = mod.all_specs([s for s in mod.VARIANTS if not s.startswith("buddy")])
+    assert "buddy" in specs and "s3fifo" in specs and specs[0] == "lru"
+    kinds = [make_policy(s).lossless for s in specs]
+    assert kinds == sorted(kinds, reverse=True), "lossless specs first, then the lossy ones"
 
 
 @pytest.mark.parametrize("name", ["coarse", "fine"])

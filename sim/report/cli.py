@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from policies import PolicySpecError, load_plugins
 from sim.report.data import PROG, ReportError
 from sim.report.page import render
 from traces.cli import OneLineParser
@@ -20,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline-steps", type=int, default=4, metavar="S", help="steps in the timeline (default 4)")
     p.add_argument("--timeline-from", type=int, metavar="STEP", help="first step of the timeline (default: the middle step)")
     p.add_argument("--title", help="page title")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE (or a .py file) that registers policies first; repeatable")
     return p
 
 
@@ -29,12 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: --timeline-steps must be at least 1 and --timeline-from at least 0", file=sys.stderr)
         return 2
     try:
+        load_plugins(args.plugin)
         page, n = render(
             args.results, timeline_point=args.timeline_point, timeline_steps=args.timeline_steps,
             timeline_from=args.timeline_from, title=args.title,
         )
         write_text_atomic(args.out, page)
-    except ReportError as exc:
+    except (ReportError, PolicySpecError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
