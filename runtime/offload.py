@@ -23,9 +23,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
+from lab.cache import CacheConfig
 from policies import (
+    CacheError,
     CostModel,
     Counters,
     ExpertCache,
@@ -101,6 +104,8 @@ class OffloadSession:
         cache_experts: int | None = None,
         cache_per_layer: int | None = None,
         partition: Literal["global", "per_layer"] | None = None,
+        cache_gb: float | None = None,
+        cache: CacheConfig | None = None,
         link: str | LinkSpec = "emulated:16GB/s",
         costs: CostModel | None = None,
         future: Future | None = None,
@@ -115,19 +120,16 @@ class OffloadSession:
         self.layers = find_moe_layers(model)
         self.spec = model_spec(model, self.layers, name)
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
-        if (cache_experts is None) == (cache_per_layer is None):
-            raise OffloadError("give exactly one cache size: cache_experts=N or cache_per_layer=K")
+        # the cache size means what it means in the simulator: one definition, lab.cache.CacheConfig
+        try:
+            self.cache_config = cache or CacheConfig(experts=cache_experts, per_layer=cache_per_layer, gb=cache_gb, partition=partition)
+            self.cache: ExpertCache = self.cache_config.build(self.spec)
+        except ValidationError as exc:
+            raise OffloadError(exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")) from None
+        except CacheError as exc:
+            raise OffloadError(str(exc)) from None
         n_layers = self.spec.num_moe_layers
-        slots = cache_experts if cache_experts is not None else cache_per_layer * n_layers  # type: ignore[operator]
-        part = "per_layer" if cache_per_layer is not None else (partition or "global")
-        if slots < 1:
-            raise OffloadError(f"cache must hold at least one expert, got {slots}")
-        self.cache = ExpertCache(slots, n_layers, part)  # type: ignore[arg-type]
-        if self.cache.min_capacity() < self.spec.top_k:
-            raise OffloadError(
-                f"cache too small: {self.cache.min_capacity()} slot(s){' per layer' if part == 'per_layer' else ''} "
-                f"< top_k={self.spec.top_k}"
-            )
+        slots = self.cache.capacity
         total = self.spec.num_experts * n_layers
         if slots > total:
             raise OffloadError(f"cache of {slots} slots is larger than the model's {total} routed experts")

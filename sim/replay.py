@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from lab.cache import GIB, CacheConfig
 from lab.hardware import GB, HardwareError, HardwareProfile, load_profile, presets
+from lab.versions import TOOL
 from policies import CacheError, Future, LayerRequest, PolicyLike, PolicySpecError, load_plugins, names
 from sim import calls
 from sim.assembly import ReplayError, assemble
@@ -31,7 +32,6 @@ from traces.cli import OneLineParser
 from traces.columnar import read_columnar
 from traces.io import Record, TraceError, TraceReader, file_digest, write_text_atomic
 
-TOOL = "moe-offload-lab 0.1.0"
 DEFAULT_HARDWARE = "rtx4090"
 
 

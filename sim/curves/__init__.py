@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from lab.cache import CacheConfig
+from lab.versions import TOOL
 from policies import CacheError, Counters, LayerRequest, PolicyLike, PolicySpecError, apply_plan
 from policies.base import Future
 from sim.assembly import assemble
@@ -66,8 +67,6 @@ __all__ = [
     "NEVER", "Calls", "Curves", "Partition", "calls_from_records", "compute_curves", "count_less", "curves",
     "figure", "hits_below", "lru_depths", "main", "opt_depths", "read_calls", "simulate_hits", "table", "write_html",
 ]
-
-TOOL = "moe-offload-lab 0.1.0"
 
 
 # -- sizes the stacks do not cover: the policies themselves -----------------------------------------

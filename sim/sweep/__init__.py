@@ -2,7 +2,7 @@
 resumable.
 
     python -m sim.sweep SWEEP.toml -o RESULTS/ [--jobs N] [--backend local|ray] [--address ADDR]
-        [--export csv|parquet ...] [--retry-errors] [--no-progress]
+        [--export csv|parquet ...] [--retry-errors] [--no-progress] [--plugin MODULE ...]
 
 A sweep file (TOML, every key checked; paths relative to the file):
 
@@ -11,6 +11,7 @@ A sweep file (TOML, every key checked; paths relative to the file):
     policies = ["lru", "lfu(decay=0.9)", "belady"]         # spec strings, as in every CLI
     cache = {per_layer = [2, 3, 4], experts = [96, 128], gb = [20.0], partition = "global"}
     hardware = ["rtx4090", "a100-pcie", "profiles/mine.json"]
+    plugins = ["my_policies.mru"]                          # optional: modules that register policies
 
     [[exclude]]                                            # any subset of the grid's fields
     policy = "belady"
