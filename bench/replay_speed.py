@@ -209,7 +209,7 @@ def stages(trace: Path, per_layer: int, repeats: int) -> str:
         counters = Counters()
         t0 = CLOCK()
         for req in rs:
-            apply_plan(cache, req, pol.plan(req, cache), counters, {"full": model.expert_bytes})
+            apply_plan(cache, req, pol.plan(req, cache), counters, {"full": model.expert_bytes}, pol)
             cache.inflight.clear()  # no engine here: every copy lands at once
         return CLOCK() - t0
 

@@ -234,7 +234,7 @@ class HostDriver:
                 if ld.victim is not None and ld.victim != ld.key and ld.victim in plan.execute:
                     release[ld.victim] = env.event()
             waits: dict[Key, Transfer] = {k: loading[k] for k in plan.execute if k in loading} if loading else {}
-            apply_plan(cache, req, plan, counters, costs.variant_bytes)
+            apply_plan(cache, req, plan, counters, costs.variant_bytes, policy)
             for prio, group in ((URGENT, plan.loads), (PREFETCH, plan.prefetch)):
                 for ld in group:
                     self._work(h.copy_s, f"submit L{ld.key[0]}E{ld.key[1]}", step)

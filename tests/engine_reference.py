@@ -76,7 +76,7 @@ class ReferenceSimulation(Simulation):
                 yield env.timeout(t)  # these interact with other processes: start them at the present
                 t = 0.0
             waits: dict[Key, Transfer] = {k: loading[k] for k in plan.execute if k in loading} if loading else {}
-            apply_plan(cache, req, plan, counters, variant_bytes)
+            apply_plan(cache, req, plan, counters, variant_bytes, policy)
             if plan.loads or plan.prefetch:
                 for tr in copies.issue(plan, step, release, env.now + t):
                     waits[tr.key] = tr
