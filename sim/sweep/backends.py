@@ -161,7 +161,8 @@ def _run_ray(
             # a local Ray's workers run this interpreter: installed plugins are there; the folders of
             # plugins imported from sys.path or a file go on their PYTHONPATH
             pythonpath = os.pathsep.join(dict.fromkeys(x for x in (root, *plugin_dirs, os.environ.get("PYTHONPATH", "")) if x))
-            ray.init(num_cpus=jobs, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+            # "local": a Ray of its own, even when another cluster runs on this machine (or RAY_ADDRESS names one)
+            ray.init(address="local", num_cpus=jobs, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
         started = True
     try:
         remote = ray.remote(num_cpus=1, max_retries=1)(_ray_point)
