@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from policies import PolicySpecError, make_policy  # noqa: E402
+from policies import PolicySpecError, load_plugins, make_policy  # noqa: E402
 from policies.costs import ComputeCost, CostModel  # noqa: E402
 from runtime.cli import InputError, add_model_options, check_out, positive, runtime_parser  # noqa: E402
 from runtime.links import Copy, LinkError, make_link, parse_link  # noqa: E402
@@ -363,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        load_plugins(args.plugin)
         check_out(args.out)
         prof = calibrate(args.model, args.link, device=args.device, repeats=args.repeats, policy=args.policy,
                          dtype=args.dtype, pin_gb=args.pin_gb, progress=not args.no_progress)

@@ -49,6 +49,7 @@ def add_model_options(p: argparse.ArgumentParser, *, policy_default: str | None 
     if cache:
         p.add_argument("--cache-experts", type=positive, metavar="N", help="expert slots on the device, shared by all layers")
         p.add_argument("--cache-per-layer", type=positive, metavar="K", help="expert slots per MoE layer")
+        p.add_argument("--cache-gb", type=float, metavar="X", help="the expert slots that fit in X GiB, as sim.replay counts them")
     p.add_argument("--link", default="emulated:16GB/s", help="how experts reach the device: cuda (real copies on "
                    "CUDA streams) or emulated:<bandwidth>[,<latency>] (a copy thread held to that rate)")
     p.add_argument("--device", default="cpu", help="where the dense part and the expert slots live: cpu, cuda, cuda:N")
@@ -56,9 +57,16 @@ def add_model_options(p: argparse.ArgumentParser, *, policy_default: str | None 
                    "bf16, fp16 or fp32")
     p.add_argument("--pin-gb", type=float, default=None, metavar="G", help="page-lock at most G GiB of the host "
                    "tier (CUDA; the rest stays pageable, copied more slowly); default: pin all of it")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE (or a .py file) that registers policies first; repeatable")
     if batch:
         p.add_argument("--batch-size", type=positive, default=1, metavar="B",
                        help="prompts run together, left-padded as generate does")
+
+
+def cache_sizes(args: argparse.Namespace) -> int:
+    """How many of --cache-experts, --cache-per-layer and --cache-gb are given."""
+    return sum(getattr(args, k, None) is not None for k in ("cache_experts", "cache_per_layer", "cache_gb"))
 
 
 def read_text(path: str | Path, what: str = "text") -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lab.cache import CacheConfig
 from runtime.introspect import find_moe_layers, model_spec
 from runtime.memory import (
     GIB,
@@ -112,10 +113,11 @@ class Opened:
 
 
 def open_model(name: str, *, dtype: str | torch.dtype | None = None, device: str = "cpu", pin_gb: float | None = None,
-               cache_experts: int | None = None, cache_per_layer: int | None = None, batch: int = 1, prompts: list[str] | None = None, new_tokens: int = 0,
+               cache_experts: int | None = None, cache_per_layer: int | None = None, cache_gb: float | None = None, batch: int = 1, prompts: list[str] | None = None, new_tokens: int = 0,
                score_text: str | None = None, shrink_to_fit: bool = False) -> Opened:
     """Plan, check, then load `name` with its experts in the host tier (see the module docstring).
-    `cache_experts` / `cache_per_layer`: the cache the run will allocate (neither: the smallest the
+    `cache_experts` / `cache_per_layer` / `cache_gb`: the cache the run will allocate, as
+    `lab.cache.CacheConfig` sizes it (a size no cache can hold is a CacheError here; neither: the smallest the
     runtime accepts, top_k slots, which a policy that keeps every expert replaces); `prompts`
     (run `batch` at a time, each followed by `new_tokens` generated ones) and `score_text` (scored
     in one forward) size the KV cache and activation reserve, tokenized as the run will.
@@ -133,7 +135,8 @@ def open_model(name: str, *, dtype: str | torch.dtype | None = None, device: str
         score_tokens = int(encode(sk, name, score_text).shape[1]) if score_text else 0
         n = spec.num_moe_layers
         min_slots = spec.top_k * n if cache_per_layer is not None else spec.top_k
-        slots = cache_experts if cache_experts is not None else cache_per_layer * n if cache_per_layer is not None else min_slots
+        given = {k: v for k, v in (("experts", cache_experts), ("per_layer", cache_per_layer), ("gb", cache_gb)) if v is not None}
+        slots = CacheConfig(**given).build(spec).capacity if given else min_slots  # the sizes the simulator means
         plan = plan_memory(spec, config, dev, slots, batch=batch,
                            prompt_tokens=prompt_tokens, new_tokens=new_tokens, score_tokens=score_tokens, min_slots=min_slots,
                            attn_implementation=getattr(config, "_attn_implementation", None))

@@ -41,6 +41,7 @@ from policies import (
     make_policy,
 )
 from policies.costs import ComputeCost, variant_bits, variant_bytes
+from policies.plan import preload as preload_key
 from runtime.introspect import (  # noqa: F401  (re-exported: `from runtime.offload import ...` keeps working)
     _DTYPES,
     MoELayer,
@@ -51,7 +52,6 @@ from runtime.introspect import (  # noqa: F401  (re-exported: `from runtime.offl
     find_moe_layers,
     model_spec,
 )
-from policies.plan import preload as preload_key
 from runtime.links import Copy, CudaLink, EmulatedLink, LinkSpec, make_link, parse_link
 from runtime.memory import release_freed_memory
 from runtime.signals import RouterTap, importance_of, lookahead_of, probs_of

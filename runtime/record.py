@@ -29,8 +29,16 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from policies import CostModel, Future, PolicySpecError  # noqa: E402
-from runtime.cli import InputError, add_model_options, check_out, positive, read_text, runtime_parser  # noqa: E402
+from policies import CacheError, CostModel, Future, PolicySpecError, load_plugins  # noqa: E402
+from runtime.cli import (  # noqa: E402
+    InputError,
+    add_model_options,
+    cache_sizes,
+    check_out,
+    positive,
+    read_text,
+    runtime_parser,
+)
 from runtime.links import LinkError, parse_link  # noqa: E402
 from runtime.loader import open_model  # noqa: E402
 from runtime.memory import MemoryError_  # noqa: E402
@@ -183,6 +191,7 @@ def record(
     policy: str | None = None,
     cache_experts: int | None = None,
     cache_per_layer: int | None = None,
+    cache_gb: float | None = None,
     link: str = "emulated:16GB/s",
     max_new_tokens: int = 32,
     lookahead: int = 2,
@@ -222,13 +231,14 @@ def record(
     parse_link(link)
     if policy is None:
         policy = "lru"
-        if cache_experts is None and cache_per_layer is None:  # keep every expert
+        if cache_experts is None and cache_per_layer is None and cache_gb is None:  # keep every expert
             spec0 = skeleton(model_name, None)[1]
             if spec0 is None:
                 raise RecordError(f"{model_name}: the model has no MoE layer that dispatches through transformers' "
                                   "experts registry: nothing to record")
             cache_per_layer = spec0.num_experts
-    size = {k: v for k, v in {"cache_experts": cache_experts, "cache_per_layer": cache_per_layer}.items() if v is not None}
+    size = {k: v for k, v in {"cache_experts": cache_experts, "cache_per_layer": cache_per_layer, "cache_gb": cache_gb}.items()
+            if v is not None}
     opened = open_model(model_name, dtype=dtype, device=device, pin_gb=pin_gb, batch=batch_size, prompts=list(prompts),
                         new_tokens=max_new_tokens, **size)
     model, name, dev = opened.model, opened.name, opened.device
@@ -315,22 +325,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.lookahead < 0:
         print(f"{prog}: error: --lookahead must be >= 0", file=sys.stderr)
         return 2
-    if args.cache_experts is not None and args.cache_per_layer is not None:
-        print(f"{prog}: error: give one of --cache-experts and --cache-per-layer", file=sys.stderr)
+    if cache_sizes(args) > 1:
+        print(f"{prog}: error: give one of --cache-experts, --cache-per-layer and --cache-gb", file=sys.stderr)
         return 2
-    if args.policy and args.cache_experts is None and args.cache_per_layer is None:
-        print(f"{prog}: error: --policy needs a cache size: --cache-experts N or --cache-per-layer K", file=sys.stderr)
+    if args.policy and not cache_sizes(args):
+        print(f"{prog}: error: --policy needs a cache size: --cache-experts N, --cache-per-layer K or --cache-gb X", file=sys.stderr)
         return 2
     try:
+        load_plugins(args.plugin)
         check_out(args.out)
         prompts = read_prompts(args.prompts)
         m = record(
             args.model, prompts, args.out, policy=args.policy, cache_experts=args.cache_experts,
-            cache_per_layer=args.cache_per_layer, link=args.link, max_new_tokens=args.max_new_tokens,
+            cache_per_layer=args.cache_per_layer, cache_gb=args.cache_gb, link=args.link, max_new_tokens=args.max_new_tokens,
             lookahead=args.lookahead, seed=args.seed, prompt_source=str(args.prompts), device=args.device,
             progress=not args.no_progress, batch_size=args.batch_size, dtype=args.dtype, pin_gb=args.pin_gb,
         )
-    except (RecordError, ModelError, OffloadError, LinkError, PolicySpecError, MemoryError_) as exc:
+    except (RecordError, ModelError, OffloadError, LinkError, PolicySpecError, CacheError, MemoryError_) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,8 +26,8 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from policies import PolicySpecError  # noqa: E402
-from runtime.cli import add_model_options, positive, read_text, runtime_parser  # noqa: E402
+from policies import CacheError, PolicySpecError, load_plugins  # noqa: E402
+from runtime.cli import add_model_options, cache_sizes, positive, read_text, runtime_parser  # noqa: E402
 from runtime.links import LinkError, parse_link  # noqa: E402
 from runtime.loader import open_model  # noqa: E402
 from runtime.memory import MemoryError_  # noqa: E402
@@ -65,6 +65,7 @@ def run(
     *,
     cache_experts: int | None = None,
     cache_per_layer: int | None = None,
+    cache_gb: float | None = None,
     link: str = "emulated:16GB/s",
     prompts: list[str] | None = None,
     text: str = DEFAULT_TEXT,
@@ -77,7 +78,8 @@ def run(
     prompts = prompts or [DEFAULT_TEXT[:60]]
     if max_new_tokens < 1 or batch_size < 1:
         raise RecordError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
-    size = {k: v for k, v in {"cache_experts": cache_experts, "cache_per_layer": cache_per_layer}.items() if v is not None}
+    size = {k: v for k, v in {"cache_experts": cache_experts, "cache_per_layer": cache_per_layer, "cache_gb": cache_gb}.items()
+            if v is not None}
     parse_link(link)  # a bad link is refused before anything is loaded
     opened = open_model(model_name, dtype=dtype, device=device, pin_gb=pin_gb, batch=batch_size, prompts=prompts,
                         new_tokens=max_new_tokens, score_text=text, **size)
@@ -124,16 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = "runtime.run"
-    if (args.cache_experts is None) == (args.cache_per_layer is None):
-        print(f"{prog}: error: give exactly one of --cache-experts N and --cache-per-layer K", file=sys.stderr)
+    if cache_sizes(args) != 1:
+        print(f"{prog}: error: give exactly one of --cache-experts N, --cache-per-layer K and --cache-gb X", file=sys.stderr)
         return 2
     try:
+        load_plugins(args.plugin)
         prompts = read_prompts(args.prompts) if args.prompts else None
         text = read_text(args.text) if args.text else DEFAULT_TEXT
-        m = run(args.model, args.policy, cache_experts=args.cache_experts, cache_per_layer=args.cache_per_layer,
+        m = run(args.model, args.policy, cache_experts=args.cache_experts, cache_per_layer=args.cache_per_layer, cache_gb=args.cache_gb,
                 link=args.link, prompts=prompts, text=text, max_new_tokens=args.max_new_tokens, device=args.device,
                 batch_size=args.batch_size, dtype=args.dtype, pin_gb=args.pin_gb)
-    except (RecordError, ModelError, OffloadError, LinkError, PolicySpecError, MemoryError_) as exc:
+    except (RecordError, ModelError, OffloadError, LinkError, PolicySpecError, CacheError, MemoryError_) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     if args.json:

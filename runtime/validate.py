@@ -20,6 +20,7 @@ if __name__ == "__main__":
     require("runtime.validate")
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -27,16 +28,16 @@ from typing import Any  # noqa: E402
 
 from lab.cache import CacheConfig  # noqa: E402
 from lab.hardware import HardwareError, HardwareProfile, load_profile  # noqa: E402
-from policies import Future, PolicySpecError, make_policy  # noqa: E402
+from policies import CacheError, Future, PolicyLike, PolicySpecError, as_policy, load_plugins  # noqa: E402
 from policies.costs import variant_bytes  # noqa: E402
 from runtime.calibrate import calibrate  # noqa: E402
-from runtime.cli import add_model_options, check_out, positive, runtime_parser  # noqa: E402
+from runtime.cli import add_model_options, cache_sizes, check_out, positive, runtime_parser  # noqa: E402
 from runtime.links import LinkError  # noqa: E402
 from runtime.memory import MemoryError_  # noqa: E402
 from runtime.models import ModelError  # noqa: E402
 from runtime.offload import OffloadError  # noqa: E402
 from runtime.record import RecordError, read_prompts, record  # noqa: E402
-from sim.replay import replay  # noqa: E402
+from sim.replay import ReplayError, replay  # noqa: E402
 from traces.io import TraceError, write_text_atomic  # noqa: E402
 
 # what the policy decided: equal in both engines (hits + inflight_hits = accesses - misses is, too)
@@ -55,10 +56,11 @@ DEFAULT_PROMPTS = [
 
 def validate(
     model: str,
-    policy: str,
+    policy: PolicyLike,
     *,
     cache_experts: int | None = None,
     cache_per_layer: int | None = None,
+    cache_gb: float | None = None,
     link: str = "emulated:16GB/s",
     profile: str | HardwareProfile | None = None,
     prompts: list[str] | None = None,
@@ -70,6 +72,10 @@ def validate(
     dtype: str | None = None,
     pin_gb: float | None = None,
 ) -> dict[str, Any]:
+    """`policy` is a spec string, a Policy subclass or an instance (registered: `policies.as_policy`);
+    each run (calibration, an oracle's exact run, the measured run, the replay) gets a fresh copy."""
+    pol = as_policy(policy)
+    policy = pol.spec
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = prompts or DEFAULT_PROMPTS
@@ -80,7 +86,6 @@ def validate(
         profile = str(prof_path)
     prof = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
     future = None
-    pol = make_policy(policy)
     if pol.wants_future():  # an oracle repeats an exact run: record that first
         exact = out / "exact.jsonl.gz"
         record(model, prompts, exact, link=link, max_new_tokens=max_new_tokens, device=device, progress=progress,
@@ -88,12 +93,14 @@ def validate(
         future = Future.from_trace(exact)
     trace = out / "run.jsonl.gz"
     measured = record(
-        model, prompts, trace, policy=policy, cache_experts=cache_experts, cache_per_layer=cache_per_layer, link=link,
+        model, prompts, trace, policy=copy.deepcopy(pol), cache_experts=cache_experts, cache_per_layer=cache_per_layer,
+        cache_gb=cache_gb, link=link,
         max_new_tokens=max_new_tokens, device=device, progress=progress, future=future, signals=False,
         batch_size=batch_size, dtype=dtype, pin_gb=pin_gb,
         costs=lambda spec: prof.cost_model(spec, variant_bytes(spec, pol)),  # what sim.replay gives the policy
     )
-    predicted = replay(trace, policy, CacheConfig(experts=cache_experts, per_layer=cache_per_layer), prof).metrics
+    predicted = replay(trace, copy.deepcopy(pol), CacheConfig(experts=cache_experts, per_layer=cache_per_layer, gb=cache_gb),
+                       prof).metrics
     rows = []
     for key in EXACT + SPLIT + TIMED:
         m, p = measured.get(key), predicted.get(key)
@@ -104,7 +111,7 @@ def validate(
     result = {
         "model": model,
         "policy": policy,
-        "cache": {"experts": cache_experts, "per_layer": cache_per_layer},
+        "cache": {"experts": cache_experts, "per_layer": cache_per_layer, **({"gb": cache_gb} if cache_gb is not None else {})},
         "batch_size": batch_size,
         "memory": {k: v for k, v in measured.items() if k.startswith(("peak_", "host_tier_", "planned_", "device_budget"))},
         "link": link,
@@ -164,18 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = "runtime.validate"
-    if (args.cache_experts is None) == (args.cache_per_layer is None):
-        print(f"{prog}: error: give exactly one of --cache-experts N and --cache-per-layer K", file=sys.stderr)
+    if cache_sizes(args) != 1:
+        print(f"{prog}: error: give exactly one of --cache-experts N, --cache-per-layer K and --cache-gb X", file=sys.stderr)
         return 2
     try:
+        load_plugins(args.plugin)
         check_out(Path(args.out_dir) / "validation.json")
         prompts = read_prompts(args.prompts) if args.prompts else None
         res = validate(
-            args.model, args.policy, cache_experts=args.cache_experts, cache_per_layer=args.cache_per_layer, link=args.link,
+            args.model, args.policy, cache_experts=args.cache_experts, cache_per_layer=args.cache_per_layer,
+            cache_gb=args.cache_gb, link=args.link,
             profile=args.profile, prompts=prompts, max_new_tokens=args.max_new_tokens, out_dir=args.out_dir, device=args.device,
             progress=True, batch_size=args.batch_size, dtype=args.dtype, pin_gb=args.pin_gb,
         )
-    except (RecordError, ModelError, OffloadError, LinkError, PolicySpecError, HardwareError, TraceError, MemoryError_) as exc:
+    except (RecordError, ModelError, OffloadError, LinkError, PolicySpecError, CacheError, HardwareError, TraceError,
+            ReplayError, MemoryError_) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     print(table(res))
